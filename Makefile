@@ -1,0 +1,38 @@
+# make test / make demo / make bench: each creates .venv when absent and
+# installs the project into it (re-installing only when setup.py changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+
+.PHONY: test test-fast demo bench venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The whole suite (slow tests included); stays under 25 minutes on 2 cores.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# For now: a short tiny-config training run (the full embedded demo comes with
+# the demo issue).
+DEMO_DIR ?= demo_out/tiny
+demo: $(STAMP)
+	$(BIN)/cm3leon train --gin_file=gin/cm3leon_tiny.gin --gin.TRAIN_STEPS=100 --model_dir=$(DEMO_DIR)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,319 @@
+"""Training throughput on CPU: our JAX trainer step vs. transformers' PyTorch OPT.
+
+One run trains the *same* configuration two ways and compares tokens/s:
+
+  (a) ours: the jitted `make_train_step` (cross-entropy + global-norm clipping +
+      AdamW, train/step.py), the state from `train/state.py`'s sharded init, the
+      mesh from `partitioning.create_mesh()` on the single CPU device, fp32
+      compute (`DecoderConfig(dtype="float32", remat_policy="none")`);
+  (b) transformers' `OPTForCausalLM` configured as the paper's architecture
+      (pre-LN, no biases, LayerNorm without affine, untied output projection,
+      ReLU, no dropout) with `torch.optim.AdamW` and the same clipping.
+
+Both are warmed up (XLA compile / first PyTorch steps), then timed in
+alternating rounds (jax, torch, jax, torch, ...) so that both see the same
+machine load; the median round gives tokens/s. The CPU's fp32 matmul peak
+is measured in the same run (a jitted n x n x n fp32 matmul, best of several,
+also repeated between rounds) and gives the MFU of each, with
+`DecoderConfig.train_flops_per_token` as the FLOPs per token for both.
+
+The last line printed is one JSON object (tokens_per_sec_jax,
+tokens_per_sec_torch, ratio, matmul_peak_flops, mfu_jax, mfu_torch, config,
+xla_flags, ...). Quick run: `--layers 2 --steps 1 --rounds 1`.
+
+XLA flags must be set before jax is imported, so this file parses its
+arguments first and imports jax afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# XLA CPU flags used by default for our side (see benchmarks/RESULTS.md for
+# what each was measured to do). Flags already in $XLA_FLAGS and --xla-flags
+# are appended after these (later ones win).
+DEFAULT_XLA_FLAGS = ""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-ff", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
+    p.add_argument("--rounds", type=int, default=4, help="alternating jax/torch timing rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework after compile")
+    p.add_argument("--scan-layers", type=int, default=1, choices=(0, 1),
+                   help="DecoderConfig.scan_layers (1: nn.scan over layers, 0: unrolled)")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOPs matmul")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS (appended; later flags win)")
+    p.add_argument("--no-default-xla-flags", action="store_true",
+                   help="do not apply this benchmark's DEFAULT_XLA_FLAGS")
+    p.add_argument("--torch-optimizer", default="default", choices=("default", "foreach", "fused"),
+                   help="torch.optim.AdamW implementation (default: torch's own choice)")
+    p.add_argument("--skip-torch", action="store_true", help="time ours only (ratio is null)")
+    p.add_argument("--skip-jax", action="store_true", help="time torch only (ratio is null)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+
+
+def xla_flags_for(args) -> str:
+    parts = []
+    if not args.no_default_xla_flags:
+        parts.append(DEFAULT_XLA_FLAGS)
+    parts += [os.environ.get("XLA_FLAGS", ""), args.xla_flags]
+    return " ".join(p.strip() for p in parts if p and p.strip())
+
+
+if ARGS is not None:
+    os.environ["XLA_FLAGS"] = xla_flags_for(ARGS)
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from cm3leon_jax import partitioning  # noqa: E402
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig  # noqa: E402
+from cm3leon_jax.train import optimizer as opt_lib  # noqa: E402
+from cm3leon_jax.train import state as state_lib  # noqa: E402
+from cm3leon_jax.train.step import make_train_step  # noqa: E402
+
+# AdamW hyper-parameters shared by both sides (train/optimizer.py's defaults).
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
+
+
+def _use_mesh(mesh):
+    """`jax.set_mesh` where it exists (`with mesh:` is deprecated), else the mesh."""
+    return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def make_batch(args):
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(2, args.vocab, size=(args.batch, args.seq + 1), dtype=np.int64)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+# -- peak -----------------------------------------------------------------------
+
+class MatmulPeak:
+    """fp32 FLOP/s of a jitted n x n x n matmul, repeated `inner` times inside
+    one jitted call (a chain, so nothing is elided); best over all calls."""
+
+    def __init__(self, n: int, inner: int = 4):
+        self.n, self.inner, self.best = n, inner, 0.0
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / np.sqrt(n)
+        b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32) / np.sqrt(n)
+        self.a, self.b = a, b
+
+        def chain(x, y):
+            for _ in range(inner):
+                x = x @ y
+            return x
+
+        self.fn = jax.jit(chain)
+        self.fn(a, b).block_until_ready()
+
+    def measure(self, repeats: int = 5) -> float:
+        flops = 2.0 * self.n ** 3 * self.inner
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.fn(self.a, self.b).block_until_ready()
+            self.best = max(self.best, flops / (time.perf_counter() - t0))
+        return self.best
+
+
+# -- ours (JAX) -----------------------------------------------------------------
+
+class JaxRunner:
+    def __init__(self, args, inputs, targets):
+        self.cfg = DecoderConfig(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
+                                 num_heads=args.heads, d_ff=args.d_ff, max_length=args.seq,
+                                 activation="relu", dtype="float32", param_dtype="float32",
+                                 scan_layers=bool(args.scan_layers), remat_policy="none")
+        self.mesh = partitioning.create_mesh()
+        rules = partitioning.logical_axis_rules()
+        model = Decoder(self.cfg)
+        schedule = opt_lib.learning_rate_schedule(peak_learning_rate=LR, warmup_steps=0,
+                                                  total_steps=10 ** 6, decay="constant")
+        tx = opt_lib.adamw(schedule, b1=BETAS[0], b2=BETAS[1], eps=EPS,
+                           weight_decay=WEIGHT_DECAY, grad_clip_norm=CLIP)
+        _, shardings, sharded_init = state_lib.abstract_state(model, tx, args.seq, args.seed,
+                                                              self.mesh, rules)
+        step_fn = make_train_step(model.apply, tx, schedule)
+        self.step_fn = jax.jit(step_fn, in_shardings=(shardings, partitioning.batch_sharding(self.mesh, rules)),
+                               out_shardings=(shardings, partitioning.replicated(self.mesh)),
+                               donate_argnums=(0,))
+        with _use_mesh(self.mesh):
+            self.state = sharded_init()
+            self.num_params = state_lib.count_params(self.state.params)
+            local = {"decoder_input_tokens": inputs.astype(np.int32),
+                     "decoder_target_tokens": targets.astype(np.int32),
+                     "decoder_loss_weights": np.ones(inputs.shape, np.float32)}
+            self.batch = partitioning.global_batch_from_local(local, self.mesh, rules)
+
+    def compile(self) -> float:
+        t0 = time.perf_counter()
+        with _use_mesh(self.mesh):
+            self.step_fn = self.step_fn.lower(self.state, self.batch).compile()
+        return time.perf_counter() - t0
+
+    def run(self, n: int) -> float:
+        """n steps; returns seconds (async dispatch, blocked once at the end)."""
+        t0 = time.perf_counter()
+        with _use_mesh(self.mesh):
+            for _ in range(n):
+                self.state, metrics = self.step_fn(self.state, self.batch)
+            self.loss = float(metrics["loss"])
+        return time.perf_counter() - t0
+
+
+# -- PyTorch OPT -----------------------------------------------------------------
+
+class TorchRunner:
+    def __init__(self, args, inputs, targets):
+        import torch
+        from transformers import OPTConfig, OPTForCausalLM
+
+        torch.set_num_threads(os.cpu_count())
+        torch.manual_seed(args.seed)
+        self.torch = torch
+        self.config = OPTConfig(
+            vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.layers,
+            ffn_dim=args.d_ff, num_attention_heads=args.heads, max_position_embeddings=args.seq,
+            do_layer_norm_before=True, word_embed_proj_dim=args.d_model, enable_bias=False,
+            layer_norm_elementwise_affine=False, tie_word_embeddings=False, activation_function="relu",
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+            torch_dtype=torch.float32)
+        self.model = OPTForCausalLM(self.config).to(torch.float32)
+        self.model.train()
+        self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        kw = {}
+        if args.torch_optimizer == "foreach":
+            kw["foreach"] = True
+        elif args.torch_optimizer == "fused":
+            kw["fused"] = True
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=WEIGHT_DECAY, **kw)
+        self.inputs = torch.from_numpy(inputs)
+        self.targets = torch.from_numpy(targets)
+
+    def step(self):
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=self.inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 self.targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.opt.step()
+        return loss
+
+    def run(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = self.step()
+        self.loss = float(loss.detach())
+        return time.perf_counter() - t0
+
+
+# -- main ------------------------------------------------------------------------
+
+def main(args):
+    flags = os.environ.get("XLA_FLAGS", "")
+    tokens_per_step = args.batch * args.seq
+    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
+        f"XLA_FLAGS={flags!r}")
+    inputs, targets = make_batch(args)
+
+    peak = MatmulPeak(args.matmul_n)
+    say(f"matmul peak ({args.matmul_n}^3 fp32): {peak.measure() / 1e9:.1f} GFLOP/s")
+
+    runners = {}
+    if not args.skip_jax:
+        jr = JaxRunner(args, inputs, targets)
+        say(f"jax: {jr.num_params / 1e6:.2f}M params, scan_layers={jr.cfg.scan_layers}; "
+            f"compile {jr.compile():.1f}s")
+        runners["jax"] = jr
+    if not args.skip_torch:
+        import torch
+        tr = TorchRunner(args, inputs, targets)
+        say(f"torch {torch.__version__}: {tr.num_params / 1e6:.2f}M params, threads "
+            f"{torch.get_num_threads()}, attn_implementation={tr.attn_implementation}, "
+            f"AdamW={args.torch_optimizer}")
+        runners["torch"] = tr
+    cfg = (runners["jax"].cfg if "jax" in runners else
+           DecoderConfig(vocab_size=args.vocab, num_layers=args.layers, d_model=args.d_model,
+                         num_heads=args.heads, d_ff=args.d_ff, max_length=args.seq,
+                         dtype="float32", remat_policy="none", scan_layers=bool(args.scan_layers)))
+    flops_per_token = cfg.train_flops_per_token(args.seq)
+
+    for name, r in runners.items():
+        dt = r.run(max(args.warmup, 1))
+        say(f"{name}: warm-up {max(args.warmup, 1)} steps {dt:.1f}s, loss {r.loss:.4f}")
+
+    rates = {name: [] for name in runners}
+    for rnd in range(args.rounds):
+        order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
+        line = []
+        for name in order:
+            dt = runners[name].run(args.steps)
+            tps = args.steps * tokens_per_step / dt
+            rates[name].append(tps)
+            line.append(f"{name} {tps:7.1f} tok/s ({dt / args.steps:.2f} s/step)")
+        peak.measure(repeats=2)
+        say(f"round {rnd + 1}/{args.rounds}: " + " | ".join(line))
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    best_peak = peak.best
+    tps_jax, tps_torch = med.get("jax"), med.get("torch")
+    ratio = tps_jax / tps_torch if tps_jax and tps_torch else None
+    mfu = {name: flops_per_token * v / best_peak for name, v in med.items()}
+    say(f"train FLOPs/token {flops_per_token / 1e6:.1f}M; matmul peak {best_peak / 1e9:.1f} GFLOP/s")
+    for name in runners:
+        say(f"{name:5s}: median {med[name]:7.1f} tok/s  (rounds: "
+            + ", ".join(f"{v:.0f}" for v in rates[name])
+            + f")  MFU {100 * mfu[name]:.1f}%  final loss {runners[name].loss:.4f}")
+    if ratio is not None:
+        say(f"ratio jax/torch: {ratio:.3f}")
+
+    result = {
+        "tokens_per_sec_jax": tps_jax,
+        "tokens_per_sec_torch": tps_torch,
+        "ratio": ratio,
+        "matmul_peak_flops": best_peak,
+        "mfu_jax": mfu.get("jax"),
+        "mfu_torch": mfu.get("torch"),
+        "train_flops_per_token": flops_per_token,
+        "rounds_jax": rates.get("jax"),
+        "rounds_torch": rates.get("torch"),
+        "config": {"vocab_size": args.vocab, "d_model": args.d_model, "num_heads": args.heads,
+                   "num_layers": args.layers, "d_ff": args.d_ff, "seq_len": args.seq,
+                   "batch_size": args.batch, "dtype": "float32", "optimizer": "AdamW",
+                   "scan_layers": bool(args.scan_layers), "steps_per_round": args.steps,
+                   "rounds": args.rounds, "warmup": args.warmup, "matmul_n": args.matmul_n,
+                   "torch_optimizer": args.torch_optimizer, "cpu_count": os.cpu_count()},
+        "xla_flags": flags,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(ARGS) else 1)

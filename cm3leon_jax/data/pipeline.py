@@ -1,0 +1,92 @@
+"""Train input: a registered SeqIO task or mixture -> packed, batched numpy
+features (DecoderFeatureConverter names), per host, with a resumable state.
+
+Determinism contract (levanter's): the batch sequence is a pure function of
+(task, feature lengths, batch size, seed, host shard). The iterator's state
+is the number of batches it has handed out; restoring it replays the same
+deterministic pipeline and skips that many batches, so a resumed run sees
+exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Mapping, Optional
+
+import numpy as np
+
+# Modules whose import registers SeqIO tasks; the data issues add theirs here.
+TASK_MODULES = ("cm3leon_jax.data.synthetic",)
+
+
+def import_task_modules(extra: tuple = ()):
+    for m in TASK_MODULES + tuple(extra):
+        importlib.import_module(m)
+
+
+def check_task_name(name: str):
+    import seqio
+
+    import_task_modules()
+    known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if name not in known:
+        raise ValueError(
+            f"unknown SeqIO task or mixture {name!r} (MIXTURE_OR_TASK_NAME); registered: "
+            f"{', '.join(sorted(known)) or 'none'}")
+
+
+class TrainIterator:
+    """Iterator over numpy batches with `state()` / resume via `start_batch`."""
+
+    def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, seed: int, shard_index: int = 0, num_shards: int = 1,
+                 start_batch: int = 0, pack: bool = True, split: str = "train"):
+        import seqio
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")  # TF must not take accelerator memory
+        check_task_name(mixture_or_task_name)
+        if batch_size % num_shards:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {num_shards} hosts")
+        self.spec = {"task": mixture_or_task_name, "seed": int(seed), "batch_size": int(batch_size),
+                     "task_feature_lengths": dict(task_feature_lengths),
+                     "shard_index": shard_index, "num_shards": num_shards}
+        self.batches_consumed = int(start_batch)
+        ds = seqio.get_dataset(
+            mixture_or_task_name,
+            task_feature_lengths=dict(task_feature_lengths),
+            dataset_split=split,
+            shuffle=True,
+            num_epochs=None,
+            seed=seed,
+            shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
+            feature_converter=seqio.DecoderFeatureConverter(pack=pack),
+            use_cached=False,
+        )
+        ds = ds.batch(batch_size // num_shards, drop_remainder=True)
+        if start_batch:
+            ds = ds.skip(start_batch)
+        self._it = ds.prefetch(2).as_numpy_iterator()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        self.batches_consumed += 1
+        return batch
+
+    def state(self) -> dict:
+        return dict(self.spec, batches_consumed=self.batches_consumed)
+
+    @staticmethod
+    def check_resumable(saved: dict, current_spec: dict) -> Optional[str]:
+        """A message when a checkpoint's iterator state belongs to another input."""
+        diffs = [k for k in current_spec if k in saved and saved[k] != current_spec[k]]
+        if diffs:
+            return ("input pipeline differs from the checkpoint's: " +
+                    ", ".join(f"{k}: {saved[k]!r} -> {current_spec[k]!r}" for k in diffs))
+        return None
+
+
+def numpy_batch_stats(batch: dict) -> dict:
+    return {k: (np.asarray(v).shape, np.asarray(v).dtype) for k, v in batch.items()}

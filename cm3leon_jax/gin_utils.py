@@ -1,0 +1,161 @@
+"""t5x-compatible gin flags: --gin_file, --gin.NAME=VALUE, --gin_bindings,
+--gin_search_paths; REQUIRED macros checked before any work; the resolved
+config written into model_dir as config.gin."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+from typing import Iterable, List, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Modules holding the configurables a gin file may bind; imported before
+# parsing so that an unknown binding is really unknown.
+CONFIGURABLE_MODULES = (
+    "cm3leon_jax.vocab",
+    "cm3leon_jax.partitioning",
+    "cm3leon_jax.models.decoder",
+    "cm3leon_jax.train.optimizer",
+    "cm3leon_jax.train.trainer",
+)
+
+
+class GinConfigError(ValueError):
+    """A gin problem, reported as one line naming the file or binding."""
+
+
+def add_gin_arguments(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group("gin (t5x-style)")
+    g.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                   help="gin file(s) to parse in order, e.g. gin/cm3leon_tiny.gin")
+    g.add_argument("--gin_bindings", action="append", default=[], metavar="BINDING",
+                   help="a binding such as \"TRAIN_STEPS = 300\" (repeatable)")
+    g.add_argument("--gin_search_paths", default="", metavar="DIRS",
+                   help="comma-separated directories where gin files and their includes are "
+                        "looked up (the repository root and the cwd are always searched)")
+    g.add_argument("--gin.NAME=VALUE", dest="_gin_dot_help", action="store_true",
+                   help="shorthand binding, e.g. --gin.TRAIN_STEPS=300 or "
+                        "--gin.train.batch_size=16 (repeatable)")
+
+
+def split_gin_dot_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
+    """Separates `--gin.NAME=VALUE` flags (t5x's shorthand) from the rest."""
+    rest, bindings = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--gin.") and a != "--gin.NAME=VALUE":
+            body = a[len("--gin."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise GinConfigError(f"flag {a} has no value; write {a}=VALUE")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            name, value = body.split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, bindings
+
+
+def import_configurables(extra: Iterable[str] = ()):
+    for m in tuple(CONFIGURABLE_MODULES) + tuple(extra):
+        importlib.import_module(m)
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+          extra_modules: Iterable[str] = (), check_required: bool = True):
+    """Parses gin files then bindings; raises GinConfigError with one line."""
+    import gin
+
+    import_configurables(extra_modules)
+    for p in [os.getcwd(), REPO_ROOT, *[s for s in search_paths if s]]:
+        gin.add_config_file_search_path(p)
+    if not gin_files:
+        raise GinConfigError("no --gin_file given; e.g. --gin_file=gin/cm3leon_tiny.gin")
+    resolved = [_resolve_file(f, search_paths) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+    except (ValueError, OSError, SyntaxError, TypeError) as e:
+        raise GinConfigError(_one_line(e)) from None
+    if check_required:
+        missing = missing_required()
+        if missing:
+            raise GinConfigError(
+                f"gin: {missing[0]} is %gin.REQUIRED and was not set; pass --gin.{missing[0]}=... "
+                + ("(or --model_dir=...)" if missing[0] == "MODEL_DIR" else "")
+                + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""))
+
+
+def missing_required() -> List[str]:
+    """Names of macros and parameters still bound to %gin.REQUIRED."""
+    import gin
+    from gin import config as gin_config
+
+    missing = []
+    for (scope, selector), params in gin_config._CONFIG.items():  # noqa: SLF001 - gin has no public walker
+        for name, value in params.items():
+            if isinstance(value, gin_config.ConfigurableReference) and \
+                    value.configurable.wrapped == gin_config._retrieve_constant:  # noqa: SLF001
+                if value.scoped_configurable_fn() is gin.REQUIRED:
+                    if selector.endswith("gin.macro") or selector.endswith("macro"):
+                        missing.append(scope or selector)
+                    else:
+                        missing.append(f"{(scope + '/') if scope else ''}{selector}.{name}")
+    return sorted(set(missing))
+
+
+def _resolve_file(f: str, search_paths: Sequence[str]) -> str:
+    if os.path.exists(f):
+        return f
+    for base in [REPO_ROOT, *search_paths]:
+        cand = os.path.join(base, f)
+        if os.path.exists(cand):
+            return cand
+    raise GinConfigError(f"gin file {f!r} not found (searched the cwd, {REPO_ROOT}"
+                         + (f", {', '.join(search_paths)}" if search_paths else "") + ")")
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    head = msg[0] if msg else type(e).__name__
+    where = next((line.strip() for line in msg[1:] if line.strip().startswith("In ")), "")
+    m = re.search(r"No configurable matching '([^']+)'", head)
+    if m:
+        head = f"gin: unknown configurable or binding {m.group(1)!r}"
+    return f"{head}{' (' + where + ')' if where else ''}"
+
+
+def write_config(model_dir: str, filename: str = "config.gin") -> str:
+    """Writes the resolved config (every binding in force) into model_dir."""
+    import gin
+    import jax
+
+    path = os.path.join(model_dir, filename)
+    if jax.process_index() == 0:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(gin.config_str())
+    return path
+
+
+def parse_from_args(args: argparse.Namespace, extra_bindings: Sequence[str],
+                    extra_modules: Iterable[str] = (), check_required: bool = True):
+    search = [s for s in (args.gin_search_paths or "").split(",") if s]
+    bindings = list(args.gin_bindings) + list(extra_bindings)
+    if getattr(args, "model_dir", None):
+        bindings.append(f"MODEL_DIR = {args.model_dir!r}")
+    parse(args.gin_file, bindings, search, extra_modules, check_required)
+
+
+def macro_value(name: str, default=None):
+    import gin
+
+    try:
+        return gin.query_parameter(f"{name}/macro.value")
+    except ValueError:
+        return default

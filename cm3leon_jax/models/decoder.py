@@ -1,0 +1,255 @@
+"""The CM3Leon decoder: an OPT-like, pre-LN, bias-free transformer (Flax linen).
+
+Architecture as the paper states it (PAPER.md, "Model"): pre-LayerNorm, no
+bias terms, no dropout, LayerNorm without learnable scale/offset, learned
+absolute positions (init std 0.0002), all other weights truncated normal
+(std 0.006, cut at +-3 sigma), output projection zero-initialised. What the
+paper leaves open (heads, FFN width, activation) comes from gin.
+
+Every parameter carries logical axis names ("vocab", "embed", "heads", "kv",
+"mlp", "layers", ...) that `partitioning.py` maps to mesh axes by gin rules;
+the main activations carry "activation_*" names for the same purpose.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Dtype = Any
+
+# jax.checkpoint policies by the names used in gin (MaxText's habit).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(d) -> Dtype:
+    if isinstance(d, str):
+        if d not in _DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[d]
+    return d
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes and numerics of the decoder (bound in gin/models/*.gin)."""
+
+    vocab_size: int = 64512
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 512
+    max_length: int = 4096
+    activation: str = "relu"
+    dtype: str = "bfloat16"  # compute dtype; params are always param_dtype
+    param_dtype: str = "float32"
+    init_std: float = 0.006
+    position_init_std: float = 0.0002
+    layer_norm_epsilon: float = 1e-5
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"DecoderConfig: d_model={self.d_model} is not divisible by "
+                f"num_heads={self.num_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"DecoderConfig.remat_policy={self.remat_policy!r}; choose one of "
+                f"{sorted(REMAT_POLICIES)}")
+        if self.activation not in ("relu", "gelu", "silu"):
+            raise ValueError(f"DecoderConfig.activation={self.activation!r}; use relu, gelu or silu")
+        as_dtype(self.dtype), as_dtype(self.param_dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    # -- counts (cm3leon info, MFU) --------------------------------------------
+    def param_counts(self) -> dict:
+        d, f, v, L = self.d_model, self.d_ff, self.vocab_size, self.num_layers
+        per_layer = 4 * d * d + 2 * d * f
+        return {
+            "non_embedding": L * per_layer,
+            "token_embedding": v * d,
+            "position_embedding": self.max_length * d,
+            "output_projection": v * d,
+            "total": L * per_layer + 2 * v * d + self.max_length * d,
+        }
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (matmul params) for the forward and
+        backward passes of every weight matmul (the token lookup is not one),
+        plus attention scores and values, 2 matmuls of seq_len x d_model per
+        layer, x 2 FLOPs x 3 passes, counted without the causal halving
+        (PaLM's and MaxText's convention)."""
+        c = self.param_counts()
+        matmul_params = c["non_embedding"] + c["output_projection"]
+        attention = 12 * self.num_layers * seq_len * self.d_model
+        return 6.0 * matmul_params + attention
+
+
+def truncated_normal_init(stddev: float, cutoff: float = 3.0):
+    """N(0, stddev^2) truncated to +-cutoff*stddev (metaseq's trunc_normal_)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.truncated_normal(key, -cutoff, cutoff, shape, dtype)
+
+    return init
+
+
+def layer_norm(x, eps: float):
+    """LayerNorm without learnable scale or offset, computed in fp32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def attention_mask(segment_ids: Optional[jax.Array], batch: int, length: int) -> jax.Array:
+    """Boolean [batch, 1, q, k] mask: causal, and within one packed segment."""
+    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+    if segment_ids is None:
+        return jnp.broadcast_to(causal, (batch, 1, length, length))
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    return causal & same
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, cfg: DecoderConfig):
+    p = module.param(name, nn.with_logical_partitioning(init, axes), shape, as_dtype(cfg.param_dtype))
+    return jnp.asarray(p, as_dtype(cfg.dtype))
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        h, k, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        init = truncated_normal_init(cfg.init_std)
+        wq = _param(self, "query", init, (d, h, k), ("embed", "heads", "kv"), cfg)
+        wk = _param(self, "key", init, (d, h, k), ("embed", "heads", "kv"), cfg)
+        wv = _param(self, "value", init, (d, h, k), ("embed", "heads", "kv"), cfg)
+        wo = _param(self, "out", init, (h, k, d), ("heads", "kv", "embed"), cfg)
+        qkv_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        # Scale folded into q before the product, as OPT does.
+        q = jnp.einsum("btd,dhk->bthk", x, wq) * jnp.asarray(k ** -0.5, x.dtype)
+        q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), qkv_axes)
+        kk = jnp.einsum("btd,dhk->bthk", x, wk)
+        kk = nn.with_logical_constraint(checkpoint_name(kk, "key_proj"), qkv_axes)
+        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), qkv_axes)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, kk).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        ctx = nn.with_logical_constraint(ctx, qkv_axes)
+        out = jnp.einsum("bqhk,hkd->bqd", ctx, wo)
+        return checkpoint_name(out, "attention_out")
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        init = truncated_normal_init(cfg.init_std)
+        wi = _param(self, "wi", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+        wo = _param(self, "wo", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
+        act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
+        hidden = act(jnp.einsum("btd,df->btf", x, wi))
+        hidden = nn.with_logical_constraint(
+            hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        out = jnp.einsum("btf,fd->btd", hidden, wo)
+        return checkpoint_name(out, "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        act_axes = ("activation_batch", "activation_length", "activation_embed")
+        x = nn.with_logical_constraint(x, act_axes)
+        x = x + Attention(cfg, name="attention")(layer_norm(x, cfg.layer_norm_epsilon), mask)
+        x = x + MLP(cfg, name="mlp")(layer_norm(x, cfg.layer_norm_epsilon))
+        x = nn.with_logical_constraint(x, act_axes)
+        if cfg.scan_layers:
+            return x, None
+        return x
+
+
+class Decoder(nn.Module):
+    """Tokens -> logits. Inputs follow SeqIO's DecoderFeatureConverter:
+    `decoder_input_tokens`, optional `decoder_segment_ids` (packing; 0 = pad)
+    and `decoder_positions` (restart at 0 in each packed segment)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, decoder_input_tokens, decoder_segment_ids=None, decoder_positions=None):
+        cfg = self.config
+        b, t = decoder_input_tokens.shape
+        if t > cfg.max_length:
+            raise ValueError(f"sequence length {t} exceeds DecoderConfig.max_length={cfg.max_length}")
+        if decoder_positions is None:
+            decoder_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        tok_table = self.param(
+            "token_embedding",
+            nn.with_logical_partitioning(truncated_normal_init(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), as_dtype(cfg.param_dtype))
+        pos_table = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.position_init_std), ("max_length", "embed")),
+            (cfg.max_length, cfg.d_model), as_dtype(cfg.param_dtype))
+        dtype = as_dtype(cfg.dtype)
+        x = (jnp.take(tok_table, decoder_input_tokens, axis=0)
+             + jnp.take(pos_table, decoder_positions, axis=0)).astype(dtype)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        mask = attention_mask(decoder_segment_ids, b, t)
+
+        layer_cls = DecoderLayer
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")(x, mask)
+        else:
+            for i in range(cfg.num_layers):
+                x = layer_cls(cfg, name=f"layer_{i}")(x, mask)
+
+        x = layer_norm(x, cfg.layer_norm_epsilon)
+        # Zero-initialised output projection, untied from the token embedding.
+        w_out = _param(self, "output_projection", nn.initializers.zeros_init(),
+                       (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        logits = jnp.einsum("btd,dv->btv", x, w_out)
+        return nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -1,0 +1,215 @@
+"""The T5X-style training loop, configured by gin (gin/runs/pretrain.gin).
+
+Sharded state (jax.jit + NamedSharding over the gin mesh), Orbax checkpoints
+with the input iterator's state, automatic resume from the latest good
+checkpoint, SIGTERM -> checkpoint -> clean exit, non-finite loss -> stop with
+a message naming the step and the last good checkpoint, metrics to
+TensorBoard and metrics.jsonl, a progress line with ETA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+from typing import Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+
+from cm3leon_jax import partitioning
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax.train import metrics as metrics_lib
+from cm3leon_jax.train import optimizer as opt_lib
+from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the resume test: the process SIGKILLs itself right
+# after this step (a real, uncatchable kill, like a lost VM).
+FAULT_SIGKILL_ENV = "CM3LEON_FAULT_SIGKILL_AFTER_STEP"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _feature_length(task_feature_lengths: Mapping[str, int]) -> int:
+    if "targets" not in task_feature_lengths:
+        raise ValueError(f"TASK_FEATURE_LENGTHS needs a 'targets' length, got {dict(task_feature_lengths)}")
+    return int(task_feature_lengths["targets"])
+
+
+@gin.configurable
+def train(*,
+          model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED,
+          model_config: Optional[DecoderConfig] = None,
+          num_microbatches: int = 1,
+          z_loss: float = 0.0,
+          seed: int = 0,
+          data_seed: Optional[int] = None,
+          checkpoint_every: int = 1000,
+          keep_checkpoints: Optional[int] = 3,
+          async_checkpoints: bool = True,
+          log_every: int = 10,
+          peak_flops_per_device: Optional[float] = None,
+          quiet: bool = False) -> dict:
+    """Trains the decoder; returns the last logged metrics.
+
+    Args:
+      model_dir: checkpoints/, metrics.jsonl, TensorBoard events, config.gin.
+      mixture_or_task_name: a registered SeqIO task or mixture.
+      task_feature_lengths: {"targets": L}; sequences are packed to L.
+      train_steps: the step to stop at (a resumed run continues to it).
+      batch_size: global sequences per step (split over hosts and microbatches).
+      num_microbatches: gradient accumulation; the update equals one big batch.
+      z_loss: weight of log(Z)^2 (PaLM's auxiliary loss); 0 disables it.
+      peak_flops_per_device: for MFU; None measures a jitted matmul at start.
+    """
+    model_config = model_config or DecoderConfig()
+    seq_len = _feature_length(task_feature_lengths)
+    if seq_len > model_config.max_length:
+        raise ValueError(f"TASK_FEATURE_LENGTHS targets={seq_len} exceeds DecoderConfig.max_length="
+                         f"{model_config.max_length}")
+    if batch_size % num_microbatches:
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by "
+                         f"train.num_microbatches={num_microbatches}")
+    is_chief = jax.process_index() == 0
+    os.makedirs(model_dir, exist_ok=True)
+
+    mesh = partitioning.create_mesh()
+    rules = partitioning.logical_axis_rules()
+    model = Decoder(model_config)
+    schedule = opt_lib.learning_rate_schedule(total_steps=train_steps)
+    tx = opt_lib.adamw(schedule)
+    abstract, shardings, sharded_init = state_lib.abstract_state(model, tx, seq_len, seed, mesh, rules)
+    target = ckpt_lib.abstract_with_sharding(abstract, shardings)
+
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every,
+                                 keep_checkpoints, async_checkpoints)
+    restored = ckpt.restore_latest_good(target)
+    if restored is None:
+        state, start_step, last_good = sharded_init(), 0, None
+    else:
+        start_step, state, data_state = restored
+        last_good = start_step
+        if int(data_state.get("batches_consumed", start_step)) != start_step:
+            raise ckpt_lib.CheckpointCorruptError(
+                f"checkpoint {start_step}: iterator state says {data_state.get('batches_consumed')} "
+                "batches were consumed; expected one per step")
+        _say(quiet, f"resumed from step {start_step} ({ckpt.directory / str(start_step)})")
+
+    from cm3leon_jax.data.pipeline import TrainIterator
+
+    data = TrainIterator(mixture_or_task_name, task_feature_lengths, batch_size,
+                         seed if data_seed is None else data_seed,
+                         shard_index=jax.process_index(), num_shards=jax.process_count(),
+                         start_batch=start_step)
+    if restored is not None:
+        problem = TrainIterator.check_resumable(data_state, data.spec)
+        if problem:
+            raise ValueError(f"cannot resume {model_dir}: {problem}")
+
+    step_fn = make_train_step(model.apply, tx, schedule, num_microbatches, z_loss)
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, partitioning.replicated(mesh)),
+                       donate_argnums=(0,))
+
+    writer = metrics_lib.create_writer(model_dir, is_chief)
+    if start_step == 0 and is_chief:
+        counts = model_config.param_counts()
+        writer.write_hparams({"params_total": counts["total"], "seq_len": seq_len,
+                              "batch_size": batch_size, "num_devices": jax.device_count()})
+    peak = peak_flops_per_device or metrics_lib.measure_peak_flops()
+    throughput = metrics_lib.Throughput(batch_size * seq_len, model_config.train_flops_per_token(seq_len),
+                                        peak, jax.device_count())
+    progress = metrics_lib.Progress(train_steps, start_step)
+    fault_step = int(os.environ.get(FAULT_SIGKILL_ENV, "0") or 0)
+
+    pending = []  # (step, metrics on device) not yet checked for finiteness
+    last = {}
+    step = start_step
+
+    def check_pending():
+        nonlocal last
+        fetched = jax.device_get(pending)
+        pending.clear()
+        for s, m in fetched:
+            if not math.isfinite(float(m["loss"])) or not math.isfinite(float(m["grad_norm"])):
+                where = (f"step {last_good} ({ckpt.directory / str(last_good)})" if last_good is not None
+                         else "none (no checkpoint was written yet)")
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {s} (loss={float(m['loss'])}, grad_norm="
+                    f"{float(m['grad_norm'])}); stopping. Last good checkpoint: {where}. "
+                    "Lower the learning rate, enable z_loss or check the input data.")
+        if fetched:
+            last = {k: float(np.asarray(v)) for k, v in fetched[-1][1].items()}
+            return fetched[-1][0]
+        return None
+
+    with mesh, _Preemption() as preempt:
+        try:
+            while step < train_steps:
+                batch = partitioning.global_batch_from_local(next(data), mesh, rules)
+                state, metrics = jit_step(state, batch)
+                step += 1
+                throughput.tick()
+                pending.append((step, metrics))
+                if step % log_every == 0 or step == train_steps or preempt.requested:
+                    check_pending()
+                    row = dict(last, **throughput.measure())
+                    writer.write_scalars(step, row)
+                    progress.report(step, row, is_chief and not quiet)
+                if step % checkpoint_every == 0 or step == train_steps or preempt.requested:
+                    check_pending()  # never checkpoint a state that saw a NaN
+                    ckpt.save(step, state, data.state(), force=True)
+                    last_good = step
+                if preempt.requested:
+                    ckpt.wait()
+                    _say(quiet, f"SIGTERM: saved checkpoint at step {step}; exiting")
+                    break
+                if fault_step and step == fault_step:
+                    sys.stdout.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            ckpt.close()
+            writer.flush()
+            writer.close()
+    return dict(last, step=step, preempted=preempt.requested)
+
+
+def _say(quiet: bool, msg: str):
+    if not quiet and jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
