@@ -1,0 +1,47 @@
+"""Shared helpers: run the real CLI in a subprocess on a small config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A smaller-than-tiny decoder so CLI tests take seconds; everything else is
+# gin/cm3leon_tiny.gin as users run it.
+SMALL = [
+    "--gin_file=gin/cm3leon_tiny.gin",
+    "--gin.DecoderConfig.num_layers=2",
+    "--gin.DecoderConfig.d_model=64",
+    "--gin.DecoderConfig.num_heads=4",
+    "--gin.DecoderConfig.d_ff=256",
+    "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.train.log_every=1",
+    "--gin.train.peak_flops_per_device=1e11",
+]
+
+
+def run_cli(args, env=None, timeout=600, check=True, devices=None):
+    full_env = dict(os.environ)
+    full_env.pop("XLA_FLAGS", None)
+    if devices:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "cm3leon_jax.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cm3leon {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture
+def repo():
+    return REPO
