@@ -127,6 +127,9 @@ def _one_line(e: Exception) -> str:
     m = re.search(r"No configurable matching '([^']+)'", head)
     if m:
         head = f"gin: unknown configurable or binding {m.group(1)!r}"
+    m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", head)
+    if m:
+        head = f"gin: unknown binding {m.group(1)}.{m.group(2)} ({m.group(1)} has no parameter {m.group(2)!r})"
     return f"{head}{' (' + where + ')' if where else ''}"
 
 
