@@ -187,3 +187,26 @@ def test_tiny_config_learns(tmp_path):
     for key in ("step", "loss", "tokens_per_sec", "mfu", "learning_rate", "grad_norm"):
         assert key in rows[-1]
     assert (tmp_path / "config.gin").exists()
+
+
+def test_bf16_compute_keeps_fp32_params_and_trains():
+    cfg = DecoderConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, d_ff=64,
+                        max_length=32, dtype="bfloat16")
+    model = Decoder(cfg)
+    sched = optimizer.learning_rate_schedule(peak_learning_rate=1e-2, warmup_steps=0, total_steps=30)
+    tx = optimizer.adamw(sched)
+    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
+    _, _, init = state_lib.abstract_state(model, tx, 16, 0, mesh)
+    st = init()
+    tokens = np.tile(np.arange(1, 18), (4, 1))  # a fixed, learnable sequence
+    batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+             "decoder_loss_weights": np.ones((4, 16), np.int32)}
+    step = jax.jit(make_train_step(model.apply, tx, sched))
+    losses = []
+    for _ in range(30):
+        st, m = step(st, batch)
+        losses.append(float(m["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st.params))
+    logits = model.apply({"params": st.params}, jnp.asarray(tokens[:, :-1]))
+    assert logits.dtype == jnp.bfloat16
+    assert losses[-1] < 0.5 * losses[0]
