@@ -89,39 +89,22 @@ class UnifiedVocabulary:
         ids = np.asarray(ids)
         return (ids >= FIRST_MASK_ID) & (ids < FIRST_MASK_ID + self.num_mask_tokens)
 
-    # -- image codes ---------------------------------------------------------
+    # -- image codes and text: each a contiguous block of the id space ------
     def image_code_to_id(self, codes):
-        codes = np.asarray(codes)
-        if codes.size and (codes.min() < 0 or codes.max() >= self.image_codebook_size):
-            raise ValueError(
-                f"image codes must lie in [0, {self.image_codebook_size}); got "
-                f"[{codes.min()}, {codes.max()}]")
-        return codes + self.image_start
+        return _into_block(codes, self.image_start, self.image_codebook_size, "image codes")
 
     def id_to_image_code(self, ids):
-        ids = np.asarray(ids)
-        if ids.size and not self.is_image(ids).all():
-            raise ValueError("id_to_image_code: some ids are not image codes")
-        return ids - self.image_start
+        return _out_of_block(ids, self.image_start, self.image_codebook_size, "image codes")
 
     def is_image(self, ids):
         ids = np.asarray(ids)
         return (ids >= self.image_start) & (ids < self.text_start)
 
-    # -- text ----------------------------------------------------------------
     def text_token_to_id(self, tokens):
-        tokens = np.asarray(tokens)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.text_vocab_size):
-            raise ValueError(
-                f"text BPE ids must lie in [0, {self.text_vocab_size}); got "
-                f"[{tokens.min()}, {tokens.max()}]")
-        return tokens + self.text_start
+        return _into_block(tokens, self.text_start, self.text_vocab_size, "text BPE ids")
 
     def id_to_text_token(self, ids):
-        ids = np.asarray(ids)
-        if ids.size and not self.is_text(ids).all():
-            raise ValueError("id_to_text_token: some ids are not text ids")
-        return ids - self.text_start
+        return _out_of_block(ids, self.text_start, self.text_vocab_size, "text ids")
 
     def is_text(self, ids):
         ids = np.asarray(ids)
@@ -144,6 +127,20 @@ class UnifiedVocabulary:
         if self.is_text(i):
             return f"<txt:{i - self.text_start}>"
         raise ValueError(f"id {i} outside the vocabulary of size {self.size}")
+
+
+def _into_block(values, start: int, count: int, what: str):
+    values = np.asarray(values)
+    if values.size and (values.min() < 0 or values.max() >= count):
+        raise ValueError(f"{what} must lie in [0, {count}); got [{values.min()}, {values.max()}]")
+    return values + start
+
+
+def _out_of_block(ids, start: int, count: int, what: str):
+    ids = np.asarray(ids)
+    if ids.size and ((ids < start) | (ids >= start + count)).any():
+        raise ValueError(f"some ids are not {what} (expected ids in [{start}, {start + count}))")
+    return ids - start
 
 
 @gin.configurable

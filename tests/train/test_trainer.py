@@ -45,15 +45,20 @@ def test_cross_entropy_sums_by_hand():
     assert np.isclose(float(total), np.log(4.0) + 0.5 * np.log(4.0) ** 2)
 
 
-def _small_state_and_batch(num_microbatches):
+def _small_model_and_state(dtype, total_steps):
     cfg = DecoderConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, d_ff=64,
-                        max_length=32, dtype="float32")
+                        max_length=32, dtype=dtype)
     model = Decoder(cfg)
-    sched = optimizer.learning_rate_schedule(peak_learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    sched = optimizer.learning_rate_schedule(peak_learning_rate=1e-2, warmup_steps=0,
+                                             total_steps=total_steps)
     tx = optimizer.adamw(sched)
     mesh = partitioning.create_mesh(devices=jax.devices()[:1])
     _, _, init = state_lib.abstract_state(model, tx, 16, 0, mesh)
-    st = init()
+    return model, tx, sched, init()
+
+
+def _small_state_and_batch(num_microbatches):
+    model, tx, sched, st = _small_model_and_state("float32", 10)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 97, size=(8, 17))
     weights = (rng.random((8, 16)) > 0.3).astype(np.int32)  # uneven weights per microbatch
@@ -190,14 +195,7 @@ def test_tiny_config_learns(tmp_path):
 
 
 def test_bf16_compute_keeps_fp32_params_and_trains():
-    cfg = DecoderConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, d_ff=64,
-                        max_length=32, dtype="bfloat16")
-    model = Decoder(cfg)
-    sched = optimizer.learning_rate_schedule(peak_learning_rate=1e-2, warmup_steps=0, total_steps=30)
-    tx = optimizer.adamw(sched)
-    mesh = partitioning.create_mesh(devices=jax.devices()[:1])
-    _, _, init = state_lib.abstract_state(model, tx, 16, 0, mesh)
-    st = init()
+    model, tx, sched, st = _small_model_and_state("bfloat16", 30)
     tokens = np.tile(np.arange(1, 18), (4, 1))  # a fixed, learnable sequence
     batch = {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
              "decoder_loss_weights": np.ones((4, 16), np.int32)}
