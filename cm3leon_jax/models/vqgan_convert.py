@@ -1,0 +1,133 @@
+"""Import a Chameleon / Janus VQ-VAE (transformers layout, safetensors) into
+our VQGAN params. Safetensors only: never pickle.
+
+Key mapping, e.g. for a Janus checkpoint (a Chameleon/Anole one holds the
+same keys under `model.vqmodel.`):
+    encoder.down.0.block.1.conv1.weight  -> encoder/down_0_block_1/conv1/kernel  (OIHW -> HWIO)
+    encoder.mid.attn_1.norm.weight       -> encoder/mid/attn_1/norm/scale
+    quantize.embedding.weight            -> codebook
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from cm3leon_jax.models.vqgan import VQGANConfig
+
+# Prefixes under which full multimodal checkpoints keep the VQ-VAE.
+_PREFIXES = ("model.vqmodel.", "vqmodel.", "model.vqvae.", "vqvae.", "vq_model.", "model.vq_model.", "")
+
+
+def _module_path(torch_key: str):
+    parts = torch_key.split(".")
+    leaf = parts[-1]
+    out = []
+    i = 0
+    mods = parts[:-1]
+    while i < len(mods):
+        p = mods[i]
+        if p in ("down", "up", "block", "attn") and i + 1 < len(mods) and mods[i + 1].isdigit():
+            name = f"{p}_{mods[i + 1]}"
+            # down.0.block.1 -> down_0_block_1 (flat names inside a level)
+            if out and re.fullmatch(r"(down|up)_\d+", out[-1]) and p in ("block", "attn"):
+                out[-1] = f"{out[-1]}_{name}"
+            else:
+                out.append(name)
+            i += 2
+            continue
+        if p in ("downsample", "upsample") and out and re.fullmatch(r"(down|up)_\d+", out[-1]):
+            out[-1] = f"{out[-1]}_{p}"
+            i += 1
+            continue
+        out.append(p)
+        i += 1
+    return out, leaf
+
+
+def convert_state_dict(tensors: Dict[str, np.ndarray]) -> Tuple[dict, dict]:
+    """transformers VQ-VAE tensors -> (our params tree, report)."""
+    prefix = next((p for p in _PREFIXES if any(k.startswith(p + "encoder.") for k in tensors)), None)
+    if prefix is None:
+        raise ValueError("no VQ-VAE found: expected keys like 'encoder.conv_in.weight' "
+                         "(optionally under 'model.vqmodel.')")
+    params: dict = {}
+    used, skipped = 0, []
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        k = key[len(prefix):]
+        if k == "quantize.embedding.weight":
+            params["codebook"] = np.asarray(value, np.float32)
+            used += 1
+            continue
+        if not k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+            skipped.append(key)
+            continue
+        path, leaf = _module_path(k)
+        value = np.asarray(value, np.float32)
+        if leaf == "weight" and value.ndim == 4:
+            name, value = "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif leaf == "weight" and value.ndim == 1:
+            name = "scale"  # GroupNorm
+        elif leaf == "bias":
+            name = "bias"
+        else:
+            skipped.append(key)
+            continue
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        node[name] = value
+        used += 1
+    if "codebook" not in params:
+        raise ValueError("checkpoint has no quantize.embedding.weight (the codebook)")
+    return params, {"prefix": prefix, "tensors_used": used, "skipped": skipped}
+
+
+def config_from_hf(config: dict, resolution: Optional[int] = None) -> VQGANConfig:
+    """Our VQGANConfig from a transformers VQ config dict (Chameleon or Janus;
+    a full model config is accepted and its `vq_config` used)."""
+    vq = config.get("vq_config", config)
+    mult = tuple(vq.get("channel_multiplier", (1, 1, 2, 2, 4)))
+    factor = 2 ** (len(mult) - 1)
+    if resolution is None:
+        resolution = vq.get("resolution") or vq.get("num_patches", 32) * factor
+    is_janus = vq.get("model_type", "").startswith("janus") or "num_patches" in vq
+    return VQGANConfig(
+        resolution=int(resolution), in_channels=vq.get("in_channels", 3),
+        out_channels=vq.get("out_channels", 3), base_channels=vq.get("base_channels", 128),
+        channel_multiplier=mult, num_res_blocks=vq.get("num_res_blocks", 2),
+        latent_channels=vq.get("latent_channels", 256), embed_dim=vq.get("embed_dim", 256),
+        num_embeddings=vq.get("num_embeddings", 8192), num_groups=32,
+        l2_normalize_codes_on_decode=is_janus)
+
+
+def load_hf_vqgan(path: str, resolution: Optional[int] = None) -> Tuple[VQGANConfig, dict, dict]:
+    """Read `path` (a directory with config.json + *.safetensors, or one
+    .safetensors file with a config.json beside it)."""
+    from safetensors.numpy import load_file
+
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no .safetensors files (pickled checkpoints are not read)")
+        tensors = {}
+        for f in files:
+            tensors.update(load_file(os.path.join(path, f)))
+        cfg_path = os.path.join(path, "config.json")
+    else:
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"{path}: expected a .safetensors file or a directory")
+        tensors = load_file(path)
+        cfg_path = os.path.join(os.path.dirname(path), "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"{cfg_path} not found: the VQ-VAE's config.json is needed for its sizes")
+    with open(cfg_path) as f:
+        hf_config = json.load(f)
+    params, report = convert_state_dict(tensors)
+    cfg = config_from_hf(hf_config, resolution)
+    return cfg, params, report
