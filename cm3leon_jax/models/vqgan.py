@@ -21,14 +21,16 @@ import jax.numpy as jnp
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
-    """Sizes of the VQ-GAN. Defaults: the paper's layout (256^2 -> 32x32 codes
-    of 8,192, codebook dim 256) with Chameleon's channel plan."""
+    """Sizes of the VQ-GAN. Defaults: the paper's layout, 256^2 -> 32x32 codes
+    of 8,192, codebook dim 256, f=8. The channel plan (1, 2, 2, 4) is
+    taming-transformers' f8 one (assumption: Make-A-Scene's is unpublished);
+    Chameleon's own checkpoint is f=16 at 512^2, also 32x32 codes."""
 
     resolution: int = 256
     in_channels: int = 3
     out_channels: int = 3
     base_channels: int = 128
-    channel_multiplier: Tuple[int, ...] = (1, 1, 2, 2, 4)
+    channel_multiplier: Tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     latent_channels: int = 256
     embed_dim: int = 256          # codebook vector size

@@ -1,0 +1,79 @@
+"""VQGAN against transformers' PyTorch JanusVQVAE with the same random
+weights, imported through the safetensors converter."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig, nearest_codes, small_config
+from cm3leon_jax.models.vqgan_convert import load_hf_vqgan
+
+
+@pytest.fixture(scope="module")
+def janus(tmp_path_factory):
+    from transformers.models.janus.configuration_janus import JanusVQVAEConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    torch.manual_seed(0)
+    hc = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                          channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, num_patches=4)
+    model = JanusVQVAE(hc).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    d = tmp_path_factory.mktemp("janus")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    hc.save_pretrained(str(d))
+    return model, str(d)
+
+
+def test_encoder_codes_and_decoder_pixels_match_janus(janus):
+    torch_model, ckpt = janus
+    cfg, params, report = load_hf_vqgan(ckpt)
+    assert cfg.resolution == 32 and cfg.latent_size == 4 and cfg.l2_normalize_codes_on_decode
+    assert report["skipped"] == []
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        out = torch_model.encode(x)
+        codes_ref = out.image_tokens.view(4, -1).numpy()
+        pixels_ref = torch_model.decode(out.image_tokens.view(4, -1)).numpy()
+    ours = VQGAN(cfg)
+    xj = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    # the converted tree has exactly the structure our module creates
+    init = ours.init(jax.random.PRNGKey(0), xj)["params"]
+    assert jax.tree.structure(init) == jax.tree.structure(params)
+    codes = np.asarray(ours.apply({"params": params}, xj, method=VQGAN.encode))
+    assert (codes == codes_ref).mean() >= 0.999
+    assert len(np.unique(codes_ref)) > 3  # a non-degenerate comparison
+    pixels = np.asarray(ours.apply({"params": params}, jnp.asarray(codes_ref), method=VQGAN.decode))
+    np.testing.assert_allclose(pixels.transpose(0, 3, 1, 2), pixels_ref, atol=1e-4, rtol=0)
+
+
+def test_nearest_codes_by_hand():
+    codebook = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    z = jnp.array([[0.9, 0.1], [0.1, 1.2], [-0.2, 0.1]])
+    assert nearest_codes(z, codebook).tolist() == [1, 2, 0]
+
+
+def test_shapes_and_bad_inputs():
+    cfg = small_config()
+    assert cfg.latent_size == 8 and cfg.codes_per_image == 64
+    paper = VQGANConfig()
+    assert paper.downsample_factor == 8 and paper.codes_per_image == 1024 and paper.num_embeddings == 8192
+    model = VQGAN(cfg)
+    x = jnp.zeros((2, 64, 64, 3))
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    codes = model.apply({"params": params}, x, method=VQGAN.encode)
+    assert codes.shape == (2, 64)
+    assert model.apply({"params": params}, codes, method=VQGAN.decode).shape == (2, 64, 64, 3)
+    with pytest.raises(ValueError, match="expects images"):
+        model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), method=VQGAN.encode)
+    with pytest.raises(ValueError, match="expects codes"):
+        model.apply({"params": params}, codes[:, :10], method=VQGAN.decode)
+    with pytest.raises(ValueError, match="num_groups"):
+        VQGANConfig(base_channels=20, num_groups=32)
