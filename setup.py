@@ -33,7 +33,7 @@ install_requires = [
 
 extras_require = {
     # torch==2.13.0 is the CPU wheel on disk; any other spec pulls a CUDA build.
-    "test": ["pytest", "pytest-xdist", "torch==2.13.0"],
+    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0"],
     "torch": ["torch==2.13.0"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}", "libtpu==0.0.42.*"],
 }
