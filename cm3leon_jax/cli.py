@@ -41,12 +41,60 @@ def _add_info(sub):
     p.set_defaults(func=cmd_info)
 
 
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="train the image (VQ-GAN) or text (BPE) tokenizer",
+                       description="Train the tokenizers that put images and text into the "
+                                   "unified vocabulary.")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="WHAT")
+    img = tsub.add_parser(
+        "train-image", help="train the VQ-GAN on the embedded shapes corpus (gin-configured)",
+        description="Train the VQ-GAN image tokenizer; resumes from --model_dir; writes "
+                    "vqgan_config.json, checkpoints/, metrics.jsonl and eval.json (checker "
+                    "accuracy on held-out reconstructions, codebook usage).",
+        epilog="Example: cm3leon tokenizer train-image --gin_file=gin/vqgan_shapes.gin "
+               "--model_dir=/tmp/vqgan_shapes")
+    gin_utils.add_gin_arguments(img)
+    img.add_argument("--model_dir", help="output directory (sets the MODEL_DIR macro)")
+    img.set_defaults(func=cmd_tokenizer_train_image)
+    txt = tsub.add_parser(
+        "train-text", help="train the byte-level BPE on text / captions.jsonl files",
+        description="Train a byte-level BPE (HF tokenizers) whose ids occupy the unified "
+                    "vocabulary's text block.",
+        epilog="Example: cm3leon tokenizer train-text --input captions.jsonl --vocab_size 1472 "
+               "--out /tmp/bpe")
+    txt.add_argument("--input", required=True, action="append",
+                     help="text file (one document a line) or .jsonl with a 'caption' field; "
+                          "repeatable or comma-separated")
+    txt.add_argument("--vocab_size", required=True, type=int,
+                     help="number of BPE ids (UnifiedVocabulary.text_vocab_size)")
+    txt.add_argument("--out", required=True, help="output directory for tokenizer.json")
+    txt.set_defaults(func=cmd_tokenizer_train_text)
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="import external weights (safetensors only)",
+                       description="Convert a Hugging Face checkpoint into a cm3leon model dir.")
+    csub = p.add_subparsers(dest="convert_command", metavar="WHAT")
+    vq = csub.add_parser(
+        "vqgan", help="Chameleon / Anole / Janus VQ-VAE (transformers layout) -> our VQ-GAN",
+        description="Read a transformers VQ-VAE (a directory with config.json and "
+                    "*.safetensors) and write a model dir usable by every command that takes "
+                    "a VQ-GAN.")
+    vq.add_argument("--input", required=True, help="HF directory or .safetensors file")
+    vq.add_argument("--out", required=True, help="output model dir")
+    vq.add_argument("--resolution", type=int, default=None,
+                    help="image side; default from the config (num_patches x factor)")
+    vq.set_defaults(func=cmd_convert_vqgan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cm3leon", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_info(sub)
+    _add_tokenizer(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -115,6 +163,39 @@ def cmd_info(args, gin_bindings: List[str]) -> int:
     return 0
 
 
+def cmd_tokenizer_train_image(args, gin_bindings: List[str]) -> int:
+    gin_utils.parse_from_args(args, gin_bindings, extra_modules=VQ_MODULES)
+    import gin
+
+    from cm3leon_jax.train import vqgan_trainer
+
+    model_dir = args.model_dir or gin.query_parameter("MODEL_DIR/macro.value")
+    gin_utils.write_config(model_dir)
+    result = vqgan_trainer.train_vqgan()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_tokenizer_train_text(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    from cm3leon_jax.data import tokenizers
+
+    files = [f for item in args.input for f in item.split(",") if f]
+    return tokenizers.train_text_main(files, args.vocab_size, args.out)
+
+
+def cmd_convert_vqgan(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    from cm3leon_jax.models import vqgan_convert
+
+    report = vqgan_convert.convert_to_model_dir(args.input, args.out, args.resolution)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+VQ_MODULES = ("cm3leon_jax.models.vqgan", "cm3leon_jax.train.vqgan_trainer")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -125,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
+        sub = {"tokenizer": "tokenizer", "convert": "convert"}.get(args.command)
+        if sub:
+            parser.parse_args([sub, "--help"])
         parser.print_help()
         return 2
     try:

@@ -131,3 +131,31 @@ def load_hf_vqgan(path: str, resolution: Optional[int] = None) -> Tuple[VQGANCon
     params, report = convert_state_dict(tensors)
     cfg = config_from_hf(hf_config, resolution)
     return cfg, params, report
+
+
+def convert_to_model_dir(src: str, out_dir: str, resolution: Optional[int] = None) -> dict:
+    """Converts and writes `out_dir` in the layout `vqgan_trainer.load_vqgan` reads."""
+    import jax
+    import jax.numpy as jnp
+
+    from cm3leon_jax.models.vqgan import VQGAN
+    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax.train.vqgan_trainer import save_config
+
+    cfg, params, report = load_hf_vqgan(src, resolution)
+    abstract = jax.eval_shape(lambda: VQGAN(cfg).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels)))["params"])
+    expected = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+    if missing or unexpected or wrong:
+        raise ValueError(f"{src}: does not match the VQ-GAN its config describes: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    save_config(out_dir, cfg)
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out_dir), 1, None, async_save=False)
+    ckpt.save(0, {"params": jax.tree.map(jnp.asarray, params)}, {"source": os.path.abspath(src)}, force=True)
+    ckpt.close()
+    return dict(report, out=out_dir, resolution=cfg.resolution, codes_per_image=cfg.codes_per_image,
+                num_embeddings=cfg.num_embeddings, skipped=len(report["skipped"]))

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig, nearest_codes, small_config
+from cm3leon_jax import cli
 from cm3leon_jax.models.vqgan_convert import load_hf_vqgan
+from cm3leon_jax.train.vqgan_trainer import load_vqgan
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,14 @@ def janus(tmp_path_factory):
     return model, str(d)
 
 
-def test_encoder_codes_and_decoder_pixels_match_janus(janus):
+def test_encoder_codes_and_decoder_pixels_match_janus(janus, tmp_path, capsys):
     torch_model, ckpt = janus
-    cfg, params, report = load_hf_vqgan(ckpt)
+    # through the CLI: safetensors -> our model dir -> load
+    assert cli.main(["convert", "vqgan", f"--input={ckpt}", f"--out={tmp_path / 'vq'}"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["skipped"] == 0 and report["codes_per_image"] == 16
+    cfg, params = load_vqgan(str(tmp_path / "vq"))
     assert cfg.resolution == 32 and cfg.latent_size == 4 and cfg.l2_normalize_codes_on_decode
-    assert report["skipped"] == []
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         out = torch_model.encode(x)
@@ -77,3 +82,19 @@ def test_shapes_and_bad_inputs():
         model.apply({"params": params}, codes[:, :10], method=VQGAN.decode)
     with pytest.raises(ValueError, match="num_groups"):
         VQGANConfig(base_channels=20, num_groups=32)
+
+
+def test_convert_rejects_pickles_and_mismatches(tmp_path, janus):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="no .safetensors"):
+        load_hf_vqgan(str(tmp_path))
+    _, ckpt = janus
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    cfg["base_channels"] = 64  # config no longer describes the weights
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    json.dump(cfg, open(bad / "config.json", "w"))
+    os.symlink(os.path.join(ckpt, "model.safetensors"), bad / "model.safetensors")
+    from cm3leon_jax.models.vqgan_convert import convert_to_model_dir
+    with pytest.raises(ValueError, match="does not match"):
+        convert_to_model_dir(str(bad), str(tmp_path / "out"))

@@ -1,0 +1,289 @@
+"""Training the VQ-GAN image tokenizer (`cm3leon tokenizer train-image`).
+
+Losses: L1 + L2 reconstruction, VQ-VAE codebook and commitment terms
+(straight-through estimator), and an optional patch-GAN hinge loss switched
+on in gin. Codebook usage is monitored (fraction of codes used in a window and
+perplexity); codes unused for a whole window are restarted from random
+encoder outputs of the current batch (dead-code restarts). Checkpoints and
+metrics reuse the decoder trainer's Orbax `Checkpointer` and clu writers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Optional
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cm3leon_jax.data.images import to_model_range
+from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
+from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax.train import metrics as metrics_lib
+
+CONFIG_FILE = "vqgan_config.json"
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / taming): strided convs to a grid of real/fake logits."""
+
+    base_channels: int = 32
+    num_layers: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.leaky_relu(nn.Conv(self.base_channels, (4, 4), strides=2, padding=1)(x), 0.2)
+        ch = self.base_channels
+        for _ in range(1, self.num_layers + 1):
+            ch = min(ch * 2, self.base_channels * 8)
+            h = nn.Conv(ch, (4, 4), strides=2, padding=1, use_bias=False)(h)
+            h = nn.leaky_relu(nn.GroupNorm(num_groups=min(32, ch // 4))(h), 0.2)
+        return nn.Conv(1, (4, 4), padding=1)(h)
+
+
+@flax.struct.dataclass
+class VQTrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    disc_params: dict
+    disc_opt_state: optax.OptState
+    usage: jax.Array  # per-code counts in the current restart window
+
+
+def shapes_batch(seed: int, start: int, batch_size: int, resolution: int) -> np.ndarray:
+    """Images [start, start + batch) of the shapes stream `seed`, in [-1, 1]."""
+    from cm3leon_jax.demo import shapes
+
+    imgs = [shapes.generate_example(seed, i, resolution).image for i in range(start, start + batch_size)]
+    return to_model_range(np.stack(imgs))
+
+
+def save_config(model_dir: str, cfg: VQGANConfig):
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def load_config(model_dir: str) -> VQGANConfig:
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: {model_dir} is not a VQ-GAN model dir "
+                         "(train one with `cm3leon tokenizer train-image` or import one with "
+                         "`cm3leon convert vqgan`)")
+    with open(path) as f:
+        return VQGANConfig(**json.load(f))
+
+
+def load_vqgan(model_dir: str):
+    """(VQGANConfig, params) from a model dir written by training or convert."""
+    cfg = load_config(model_dir)
+    ckptr = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), 1, None, async_save=False)
+    abstract = jax.eval_shape(lambda: VQGAN(cfg).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels)))["params"])
+    step = ckptr.latest_step()
+    if step is None:
+        raise ValueError(f"{model_dir}: no checkpoint found under checkpoints/")
+    import orbax.checkpoint as ocp
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.join(ckpt_lib.checkpoint_dir(model_dir), str(step), ckpt_lib.STATE))
+    ckptr.close()
+    params = restored["params"] if "params" in restored else restored
+    jax.tree.map(lambda a, b: None, abstract, params)  # structure check: raises on mismatch
+    return cfg, params
+
+
+def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], disc_tx, *,
+                       l1_weight: float, l2_weight: float, codebook_weight: float,
+                       commitment_weight: float, gan_weight: float, gan_start_step: int,
+                       restart_every: int) -> Callable:
+    n_codes = model.config.num_embeddings
+
+    def loss_fn(params, disc_params, images, step):
+        recon, codes, aux = model.apply({"params": params}, images)
+        l1 = jnp.mean(jnp.abs(recon - images))
+        l2 = jnp.mean(jnp.square(recon - images))
+        loss = (l1_weight * l1 + l2_weight * l2 + codebook_weight * aux["codebook_loss"]
+                + commitment_weight * aux["commitment_loss"])
+        g_loss = jnp.zeros(())
+        if disc is not None:
+            g_loss = -jnp.mean(disc.apply({"params": disc_params}, recon))
+            loss = loss + jnp.where(step >= gan_start_step, gan_weight, 0.0) * g_loss
+        return loss, (recon, codes, aux, l1, l2, g_loss)
+
+    def step_fn(state: VQTrainState, images, rng):
+        (loss, (recon, codes, aux, l1, l2, g_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.disc_params, images, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        disc_params, disc_opt_state, d_loss = state.disc_params, state.disc_opt_state, jnp.zeros(())
+        if disc is not None:
+            def d_loss_fn(dp):
+                real = disc.apply({"params": dp}, images)
+                fake = disc.apply({"params": dp}, jax.lax.stop_gradient(recon))
+                return jnp.mean(jax.nn.relu(1.0 - real)) + jnp.mean(jax.nn.relu(1.0 + fake))
+            d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
+            active = state.step >= gan_start_step
+            d_updates, new_d_opt = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+            disc_params = jax.tree.map(lambda new, old: jnp.where(active, new, old),
+                                       optax.apply_updates(state.disc_params, d_updates), state.disc_params)
+            disc_opt_state = jax.tree.map(lambda new, old: jnp.where(active, new, old),
+                                          new_d_opt, state.disc_opt_state)
+        batch_counts = jnp.bincount(codes.reshape(-1), length=n_codes)
+        usage = state.usage + batch_counts
+        # Dead-code restart at the end of each window: unused codes take random
+        # encoder outputs of this batch (plus a little noise).
+        step1 = state.step + 1
+        do_restart = (restart_every > 0) & (step1 % max(restart_every, 1) == 0)
+        z = aux["latents"].reshape(-1, aux["latents"].shape[-1])
+        k1, k2 = jax.random.split(rng)
+        picks = z[jax.random.randint(k1, (n_codes,), 0, z.shape[0])]
+        picks = picks + 0.01 * jnp.std(z) * jax.random.normal(k2, picks.shape)
+        dead = (usage == 0) & do_restart
+        params = dict(params)
+        params["codebook"] = jnp.where(dead[:, None], jax.lax.stop_gradient(picks), params["codebook"])
+        window_used = jnp.mean((usage > 0).astype(jnp.float32))
+        probs = usage / jnp.maximum(jnp.sum(usage), 1)
+        perplexity = jnp.exp(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0)))
+        metrics = {"loss": loss, "l1": l1, "l2": l2, "codebook_loss": aux["codebook_loss"],
+                   "commitment_loss": aux["commitment_loss"], "gan_g_loss": g_loss, "gan_d_loss": d_loss,
+                   "codebook_usage": window_used, "codebook_perplexity": perplexity,
+                   "codes_restarted": jnp.sum(dead), "batch_codes_used": jnp.sum(batch_counts > 0)}
+        usage = jnp.where(do_restart, jnp.zeros_like(usage), usage)
+        new_state = VQTrainState(step=step1, params=params, opt_state=opt_state, disc_params=disc_params,
+                                 disc_opt_state=disc_opt_state, usage=usage)
+        return new_state, metrics
+
+    return step_fn
+
+
+@gin.configurable
+def train_vqgan(*,
+                model_dir: str = gin.REQUIRED,
+                train_steps: int = gin.REQUIRED,
+                config: Optional[VQGANConfig] = None,
+                batch_size: int = 32,
+                learning_rate: float = 1e-3,
+                warmup_steps: int = 100,
+                b1: float = 0.5,
+                b2: float = 0.9,
+                seed: int = 0,
+                data_seed: int = 0,
+                l1_weight: float = 1.0,
+                l2_weight: float = 1.0,
+                codebook_weight: float = 1.0,
+                commitment_weight: Optional[float] = None,
+                restart_every: int = 100,
+                gan_weight: float = 0.0,
+                gan_start_step: int = 0,
+                checkpoint_every: int = 500,
+                keep_checkpoints: int = 2,
+                log_every: int = 20,
+                eval_images: int = 200,
+                eval_seed: int = 12345,
+                quiet: bool = False) -> dict:
+    """Trains the VQ-GAN on the embedded shapes corpus; returns the held-out eval.
+
+    The batch at step s holds shapes examples [s*B, (s+1)*B) of `data_seed`, so
+    resuming needs no iterator beyond the step. Held-out images come from
+    `eval_seed`, a stream training never sees.
+    """
+    cfg = config or VQGANConfig()
+    commitment_weight = cfg.beta if commitment_weight is None else commitment_weight
+    save_config(model_dir, cfg)
+    model = VQGAN(cfg)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+         optax.cosine_decay_schedule(learning_rate, max(train_steps - warmup_steps, 1), alpha=0.1)],
+        [max(warmup_steps, 1)])
+    tx = optax.adam(schedule, b1=b1, b2=b2)
+    disc = PatchDiscriminator() if gan_weight > 0 else None
+    disc_tx = optax.adam(learning_rate, b1=b1, b2=b2) if disc is not None else None
+    res = cfg.resolution
+    key = jax.random.PRNGKey(seed)
+
+    def init():
+        dummy = jnp.zeros((1, res, res, cfg.in_channels))
+        params = model.init(key, dummy)["params"]
+        dparams = disc.init(jax.random.fold_in(key, 1), dummy)["params"] if disc else {}
+        return VQTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                            disc_params=dparams, disc_opt_state=disc_tx.init(dparams) if disc else (),
+                            usage=jnp.zeros((cfg.num_embeddings,), jnp.int32))
+
+    abstract = jax.eval_shape(init)
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints)
+    restored = ckpt.restore_latest_good(target)
+    if restored is None:
+        state, start = jax.jit(init)(), 0
+    else:
+        start, state, _ = restored
+        if not quiet:
+            print(f"resumed from step {start}", flush=True)
+
+    step_fn = jax.jit(make_vq_train_step(
+        model, tx, disc, disc_tx, l1_weight=l1_weight, l2_weight=l2_weight,
+        codebook_weight=codebook_weight, commitment_weight=commitment_weight,
+        gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every),
+        donate_argnums=(0,))
+    writer = metrics_lib.create_writer(model_dir)
+    progress = metrics_lib.Progress(train_steps, start)
+    clock = metrics_lib.Throughput(batch_size, 0.0, 0.0, 1)
+    step = start
+    try:
+        while step < train_steps:
+            images = shapes_batch(data_seed, step * batch_size, batch_size, res)
+            state, metrics = step_fn(state, jnp.asarray(images), jax.random.fold_in(key, step + 7))
+            step += 1
+            clock.tick()
+            if step % log_every == 0 or step == train_steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(row["loss"]):
+                    raise FloatingPointError(f"non-finite VQ-GAN loss at step {step}; lower the learning rate")
+                row["images_per_sec"] = clock.measure()["tokens_per_sec"]
+                writer.write_scalars(step, row)
+                progress.report(step, row, not quiet)
+            if step % checkpoint_every == 0 or step == train_steps:
+                ckpt.save(step, state, {"examples_consumed": step * batch_size}, force=True)
+    finally:
+        ckpt.close()
+        writer.flush()
+    result = evaluate_reconstructions(cfg, state.params, eval_images, eval_seed)
+    result["train_steps"] = step
+    with open(os.path.join(model_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def evaluate_reconstructions(cfg: VQGANConfig, params, num_images: int, seed: int,
+                             batch_size: int = 50) -> dict:
+    """Held-out shapes: checker accuracy on reconstructions, codebook usage."""
+    from cm3leon_jax.data.images import from_model_range
+    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.eval import shapes_check
+
+    model = VQGAN(cfg)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode))
+    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode))
+    correct, used = 0, np.zeros(cfg.num_embeddings, bool)
+    l1 = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        examples = [shapes.generate_example(seed, i, cfg.resolution) for i in range(start, start + n)]
+        x = to_model_range(np.stack([e.image for e in examples]))
+        codes = encode(params, jnp.asarray(x))
+        recon = np.asarray(decode(params, codes))
+        used[np.asarray(codes).reshape(-1)] = True
+        l1.append(float(np.mean(np.abs(recon - x))))
+        for e, r in zip(examples, from_model_range(recon)):
+            correct += bool(shapes_check.score(r, e.caption)["all_correct"])
+    return {"eval_images": num_images, "checker_accuracy": correct / num_images,
+            "codebook_usage": float(used.mean()), "codes_used": int(used.sum()),
+            "recon_l1": float(np.mean(l1))}
