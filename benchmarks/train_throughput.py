@@ -10,32 +10,39 @@ One run trains the *same* configuration two ways and compares tokens/s:
       (pre-LN, no biases, LayerNorm without affine, untied output projection,
       ReLU, no dropout) with `torch.optim.AdamW` and the same clipping.
 
-Both are warmed up (XLA compile / first PyTorch steps), then timed in
-alternating rounds (jax, torch, jax, torch, ...) so that both see the same
-machine load; the median round gives tokens/s. The CPU's fp32 matmul peak
+Both are warmed up (XLA compile, then untimed alternating rounds), then timed
+in alternating rounds (jax, torch, torch, jax, ...) so that both see the same
+machine load; the median round gives tokens/s. Each round line also prints
+the process CPU time per step (a round with seconds of `sys` time was
+page-faulting, or the machine was busy: that is what the median is for). The CPU's fp32 matmul peak
 is measured in the same run (a jitted n x n x n fp32 matmul, best of several,
 also repeated between rounds) and gives the MFU of each, with
 `DecoderConfig.train_flops_per_token` as the FLOPs per token for both.
 
 The last line printed is one JSON object (tokens_per_sec_jax,
 tokens_per_sec_torch, ratio, matmul_peak_flops, mfu_jax, mfu_torch, config,
-xla_flags, ...). Quick run: `--layers 2 --steps 1 --rounds 1`.
+xla_flags, malloc_env, ...). Quick run: `--layers 2 --steps 1 --rounds 1
+--warmup 1`. The default run takes about 3 minutes on 2 quiet cores.
 
-XLA flags must be set before jax is imported, so this file parses its
-arguments first and imports jax afterwards.
+XLA flags must be set before jax is imported, and glibc malloc settings
+before the process starts, so this file parses its arguments first, re-execs
+itself once with MALLOC_TUNING in the environment (unless
+--no-malloc-tuning), and imports jax afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
 
-# XLA CPU flags used by default for our side (see benchmarks/RESULTS.md for
-# what each was measured to do). Flags already in $XLA_FLAGS and --xla-flags
-# are appended after these (later ones win).
+# XLA CPU flags used by default for our side. None of the XLA:CPU flags of
+# jax 0.10.2 tried helped this model (benchmarks/RESULTS.md lists them), so
+# the default is XLA's own. Flags already in $XLA_FLAGS and --xla-flags are
+# appended after these (later ones win).
 DEFAULT_XLA_FLAGS = ""
 
 
@@ -50,23 +57,56 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
-    p.add_argument("--rounds", type=int, default=4, help="alternating jax/torch timing rounds")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework after compile")
-    p.add_argument("--scan-layers", type=int, default=1, choices=(0, 1),
-                   help="DecoderConfig.scan_layers (1: nn.scan over layers, 0: unrolled)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating jax/torch timing rounds")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed alternating rounds (of --steps steps) after compile")
+    p.add_argument("--scan-layers", type=int, default=0, choices=(0, 1),
+                   help="DecoderConfig.scan_layers (1: nn.scan over layers, 0: unrolled; "
+                        "unrolled is ~15%% faster on CPU, see RESULTS.md)")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOPs matmul")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS (appended; later flags win)")
     p.add_argument("--no-default-xla-flags", action="store_true",
                    help="do not apply this benchmark's DEFAULT_XLA_FLAGS")
     p.add_argument("--torch-optimizer", default="default", choices=("default", "foreach", "fused"),
                    help="torch.optim.AdamW implementation (default: torch's own choice)")
+    p.add_argument("--jax-sync", action="store_true",
+                   help="block on every JAX step (default: async dispatch, blocked once per round)")
     p.add_argument("--skip-torch", action="store_true", help="time ours only (ratio is null)")
     p.add_argument("--skip-jax", action="store_true", help="time torch only (ratio is null)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc malloc's defaults (see MALLOC_TUNING; applies to both sides)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
+
+# glibc malloc settings (read only at process start, hence the re-exec below).
+# Both frameworks allocate their activations afresh each step: XLA one
+# ~3 GB temp buffer per execution, PyTorch one buffer per tensor. glibc
+# serves blocks over 32 MiB with mmap and gives them back with munmap on
+# free, so every step page-faults (and zeroes) all of that memory again
+# (~1.5 s of kernel time per step here). One arena, no mmap and no trimming
+# keep the freed memory mapped for the next step. Same process, so the same
+# setting holds for the JAX and the PyTorch side.
+MALLOC_TUNING = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                 "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+_REEXEC_MARK = "CM3LEON_BENCH_REEXEC"
+
+
+def _maybe_reexec(args):
+    """Restart this process once with MALLOC_TUNING in the environment."""
+    if args.no_malloc_tuning or os.environ.get(_REEXEC_MARK):
+        return
+    if all(os.environ.get(k) == v for k, v in MALLOC_TUNING.items()):
+        return
+    env = dict(os.environ, **MALLOC_TUNING, **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+if ARGS is not None:
+    _maybe_reexec(ARGS)
 
 
 def xla_flags_for(args) -> str:
@@ -85,7 +125,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cm3leon_jax import partitioning  # noqa: E402
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig  # noqa: E402
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig, num_query_blocks  # noqa: E402
 from cm3leon_jax.train import optimizer as opt_lib  # noqa: E402
 from cm3leon_jax.train import state as state_lib  # noqa: E402
 from cm3leon_jax.train.step import make_train_step  # noqa: E402
@@ -146,6 +186,7 @@ class JaxRunner:
                                  num_heads=args.heads, d_ff=args.d_ff, max_length=args.seq,
                                  activation="relu", dtype="float32", param_dtype="float32",
                                  scan_layers=bool(args.scan_layers), remat_policy="none")
+        self.sync = bool(getattr(args, "jax_sync", False))
         self.mesh = partitioning.create_mesh()
         rules = partitioning.logical_axis_rules()
         model = Decoder(self.cfg)
@@ -179,6 +220,8 @@ class JaxRunner:
         with _use_mesh(self.mesh):
             for _ in range(n):
                 self.state, metrics = self.step_fn(self.state, self.batch)
+                if self.sync:
+                    jax.block_until_ready(metrics)
             self.loss = float(metrics["loss"])
         return time.perf_counter() - t0
 
@@ -238,8 +281,9 @@ class TorchRunner:
 def main(args):
     flags = os.environ.get("XLA_FLAGS", "")
     tokens_per_step = args.batch * args.seq
+    malloc_env = {k: os.environ[k] for k in MALLOC_TUNING if k in os.environ}
     say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-        f"XLA_FLAGS={flags!r}")
+        f"XLA_FLAGS={flags!r}; malloc env {malloc_env or 'glibc defaults'}")
     inputs, targets = make_batch(args)
 
     peak = MatmulPeak(args.matmul_n)
@@ -264,19 +308,29 @@ def main(args):
                          dtype="float32", remat_policy="none", scan_layers=bool(args.scan_layers)))
     flops_per_token = cfg.train_flops_per_token(args.seq)
 
+    # Warm-up: untimed rounds exactly like the timed ones (alternating, --steps
+    # steps back to back), so that both allocators reach their steady state:
+    # with MALLOC_TUNING the heap only grows, and the first time JAX has two
+    # steps in flight (async dispatch) it needs a second temp buffer.
+    warm = {name: 0.0 for name in runners}
+    for _ in range(max(args.warmup, 1)):
+        for name, r in runners.items():
+            warm[name] += r.run(args.steps)
     for name, r in runners.items():
-        dt = r.run(max(args.warmup, 1))
-        say(f"{name}: warm-up {max(args.warmup, 1)} steps {dt:.1f}s, loss {r.loss:.4f}")
+        say(f"{name}: warm-up {max(args.warmup, 1)} x {args.steps} steps {warm[name]:.1f}s, loss {r.loss:.4f}")
 
     rates = {name: [] for name in runners}
     for rnd in range(args.rounds):
         order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
         line = []
         for name in order:
+            c0 = os.times()
             dt = runners[name].run(args.steps)
+            c1 = os.times()
             tps = args.steps * tokens_per_step / dt
             rates[name].append(tps)
-            line.append(f"{name} {tps:7.1f} tok/s ({dt / args.steps:.2f} s/step)")
+            line.append(f"{name} {tps:7.1f} tok/s ({dt / args.steps:.2f} s/step, cpu user "
+                        f"{(c1.user - c0.user) / args.steps:.1f}s sys {(c1.system - c0.system) / args.steps:.1f}s)")
         peak.measure(repeats=2)
         say(f"round {rnd + 1}/{args.rounds}: " + " | ".join(line))
 
@@ -292,6 +346,7 @@ def main(args):
             + f")  MFU {100 * mfu[name]:.1f}%  final loss {runners[name].loss:.4f}")
     if ratio is not None:
         say(f"ratio jax/torch: {ratio:.3f}")
+    say(f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
 
     result = {
         "tokens_per_sec_jax": tps_jax,
@@ -306,10 +361,14 @@ def main(args):
         "config": {"vocab_size": args.vocab, "d_model": args.d_model, "num_heads": args.heads,
                    "num_layers": args.layers, "d_ff": args.d_ff, "seq_len": args.seq,
                    "batch_size": args.batch, "dtype": "float32", "optimizer": "AdamW",
-                   "scan_layers": bool(args.scan_layers), "steps_per_round": args.steps,
+                   "scan_layers": bool(args.scan_layers), "attention_query_blocks": num_query_blocks(args.seq),
+                   "steps_per_round": args.steps,
                    "rounds": args.rounds, "warmup": args.warmup, "matmul_n": args.matmul_n,
-                   "torch_optimizer": args.torch_optimizer, "cpu_count": os.cpu_count()},
+                   "torch_optimizer": args.torch_optimizer, "jax_sync": args.jax_sync,
+                   "cpu_count": os.cpu_count()},
         "xla_flags": flags,
+        "malloc_env": malloc_env,
+        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
     print(json.dumps(result), flush=True)
     return result
