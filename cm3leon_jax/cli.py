@@ -85,6 +85,15 @@ def _add_convert(sub):
     vq.add_argument("--resolution", type=int, default=None,
                     help="image side; default from the config (num_patches x factor)")
     vq.set_defaults(func=cmd_convert_vqgan)
+    clip = csub.add_parser(
+        "clip", help="CLIP (transformers CLIPModel, e.g. ViT-B/32) -> our retriever's bi-encoder",
+        description="Read a transformers CLIPModel (a directory with config.json and "
+                    "*.safetensors, plus its tokenizer files) and write a CLIP model dir: "
+                    "clip_config.json, checkpoints/ and tokenizer/.",
+        epilog="Example: cm3leon convert clip --input=clip-vit-base-patch32 --out=/tmp/clip_b32")
+    clip.add_argument("--input", required=True, help="HF directory or .safetensors file")
+    clip.add_argument("--out", required=True, help="output model dir")
+    clip.set_defaults(func=cmd_convert_clip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +198,15 @@ def cmd_convert_vqgan(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.models import vqgan_convert
 
     report = vqgan_convert.convert_to_model_dir(args.input, args.out, args.resolution)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def cmd_convert_clip(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    from cm3leon_jax.models import clip_convert
+
+    report = clip_convert.convert_to_model_dir(args.input, args.out)
     print(json.dumps(report), flush=True)
     return 0
 

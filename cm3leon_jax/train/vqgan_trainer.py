@@ -1,8 +1,10 @@
 """Training the VQ-GAN image tokenizer (`cm3leon tokenizer train-image`).
 
 Losses: L1 + L2 reconstruction, VQ-VAE codebook and commitment terms
-(straight-through estimator), and an optional patch-GAN hinge loss switched
-on in gin. Codebook usage is monitored (fraction of codes used in a window and
+(straight-through estimator), and two optional terms switched on in gin as in
+taming-transformers' VQ-GAN (which Make-A-Scene's tokenizer builds on): an
+LPIPS perceptual loss (frozen VGG16 read from a safetensors file,
+`models/lpips.py`) and a patch-GAN hinge loss. Codebook usage is monitored (fraction of codes used in a window and
 perplexity); codes unused for a whole window are restarted from random
 encoder outputs of the current batch (dead-code restarts). Checkpoints and
 metrics reuse the decoder trainer's Orbax `Checkpointer` and clu writers.
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cm3leon_jax.data.images import to_model_range
+from cm3leon_jax.data.images import from_model_range, to_model_range
+from cm3leon_jax.models import lpips as lpips_lib
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
 from cm3leon_jax.train import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
@@ -102,24 +105,31 @@ def load_vqgan(model_dir: str):
 def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], disc_tx, *,
                        l1_weight: float, l2_weight: float, codebook_weight: float,
                        commitment_weight: float, gan_weight: float, gan_start_step: int,
-                       restart_every: int) -> Callable:
+                       restart_every: int, perceptual=None, perceptual_weight: float = 0.0) -> Callable:
+    """`step_fn(state, images, rng, perceptual_params=None)`. `perceptual`: None
+    or the LPIPS module; its frozen params are an argument of the step (not
+    closed over, which would bake ~60 MB of VGG16 into the program)."""
     n_codes = model.config.num_embeddings
 
-    def loss_fn(params, disc_params, images, step):
+    def loss_fn(params, disc_params, images, step, perceptual_params):
         recon, codes, aux = model.apply({"params": params}, images)
         l1 = jnp.mean(jnp.abs(recon - images))
         l2 = jnp.mean(jnp.square(recon - images))
         loss = (l1_weight * l1 + l2_weight * l2 + codebook_weight * aux["codebook_loss"]
                 + commitment_weight * aux["commitment_loss"])
+        p_loss = jnp.zeros(())
+        if perceptual is not None:
+            p_loss = lpips_lib.perceptual_loss(perceptual, perceptual_params, recon, images)
+            loss = loss + perceptual_weight * p_loss
         g_loss = jnp.zeros(())
         if disc is not None:
             g_loss = -jnp.mean(disc.apply({"params": disc_params}, recon))
             loss = loss + jnp.where(step >= gan_start_step, gan_weight, 0.0) * g_loss
-        return loss, (recon, codes, aux, l1, l2, g_loss)
+        return loss, (recon, codes, aux, l1, l2, p_loss, g_loss)
 
-    def step_fn(state: VQTrainState, images, rng):
-        (loss, (recon, codes, aux, l1, l2, g_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.disc_params, images, state.step)
+    def step_fn(state: VQTrainState, images, rng, perceptual_params=None):
+        (loss, (recon, codes, aux, l1, l2, p_loss, g_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.disc_params, images, state.step, perceptual_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         disc_params, disc_opt_state, d_loss = state.disc_params, state.disc_opt_state, jnp.zeros(())
@@ -152,7 +162,8 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
         probs = usage / jnp.maximum(jnp.sum(usage), 1)
         perplexity = jnp.exp(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0)))
         metrics = {"loss": loss, "l1": l1, "l2": l2, "codebook_loss": aux["codebook_loss"],
-                   "commitment_loss": aux["commitment_loss"], "gan_g_loss": g_loss, "gan_d_loss": d_loss,
+                   "commitment_loss": aux["commitment_loss"], "perceptual_loss": p_loss,
+                   "gan_g_loss": g_loss, "gan_d_loss": d_loss,
                    "codebook_usage": window_used, "codebook_perplexity": perplexity,
                    "codes_restarted": jnp.sum(dead), "batch_codes_used": jnp.sum(batch_counts > 0)}
         usage = jnp.where(do_restart, jnp.zeros_like(usage), usage)
@@ -180,6 +191,8 @@ def train_vqgan(*,
                 codebook_weight: float = 1.0,
                 commitment_weight: Optional[float] = None,
                 restart_every: int = 100,
+                perceptual_weight: float = 0.0,
+                perceptual_weights: Optional[str] = None,
                 gan_weight: float = 0.0,
                 gan_start_step: int = 0,
                 checkpoint_every: int = 500,
@@ -195,6 +208,13 @@ def train_vqgan(*,
     `eval_seed`, a stream training never sees.
     """
     cfg = config or VQGANConfig()
+    perceptual, perceptual_params = None, None
+    if perceptual_weight > 0:
+        if not perceptual_weights:
+            raise ValueError("train_vqgan.perceptual_weight > 0 needs train_vqgan.perceptual_weights: "
+                             "a safetensors file with VGG16 (+ LPIPS lin) weights, see "
+                             "cm3leon_jax/models/lpips.py for how to write one")
+        perceptual, perceptual_params = lpips_lib.load_lpips(perceptual_weights)
     commitment_weight = cfg.beta if commitment_weight is None else commitment_weight
     save_config(model_dir, cfg)
     model = VQGAN(cfg)
@@ -231,7 +251,8 @@ def train_vqgan(*,
     step_fn = jax.jit(make_vq_train_step(
         model, tx, disc, disc_tx, l1_weight=l1_weight, l2_weight=l2_weight,
         codebook_weight=codebook_weight, commitment_weight=commitment_weight,
-        gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every),
+        gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every,
+        perceptual=perceptual, perceptual_weight=perceptual_weight),
         donate_argnums=(0,))
     writer = metrics_lib.create_writer(model_dir)
     progress = metrics_lib.Progress(train_steps, start)
@@ -240,7 +261,8 @@ def train_vqgan(*,
     try:
         while step < train_steps:
             images = shapes_batch(data_seed, step * batch_size, batch_size, res)
-            state, metrics = step_fn(state, jnp.asarray(images), jax.random.fold_in(key, step + 7))
+            state, metrics = step_fn(state, jnp.asarray(images), jax.random.fold_in(key, step + 7),
+                                     perceptual_params)
             step += 1
             clock.tick()
             if step % log_every == 0 or step == train_steps:
@@ -265,25 +287,22 @@ def train_vqgan(*,
 def evaluate_reconstructions(cfg: VQGANConfig, params, num_images: int, seed: int,
                              batch_size: int = 50) -> dict:
     """Held-out shapes: checker accuracy on reconstructions, codebook usage."""
-    from cm3leon_jax.data.images import from_model_range
     from cm3leon_jax.demo import shapes
     from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.models.image_tokenizer import ImageTokenizer
 
-    model = VQGAN(cfg)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode))
-    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode))
-    correct, used = 0, np.zeros(cfg.num_embeddings, bool)
-    l1 = []
+    tok = ImageTokenizer(cfg, params, batch_size=min(batch_size, max(num_images, 1)))
+    correct, used, l1 = 0, np.zeros(cfg.num_embeddings, bool), []
     for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        examples = [shapes.generate_example(seed, i, cfg.resolution) for i in range(start, start + n)]
-        x = to_model_range(np.stack([e.image for e in examples]))
-        codes = encode(params, jnp.asarray(x))
-        recon = np.asarray(decode(params, codes))
-        used[np.asarray(codes).reshape(-1)] = True
-        l1.append(float(np.mean(np.abs(recon - x))))
+        examples = [shapes.generate_example(seed, i, cfg.resolution)
+                    for i in range(start, min(start + batch_size, num_images))]
+        images = np.stack([e.image for e in examples])
+        codes = tok.encode(images)
+        recon = tok.decode(codes, as_uint8=False)
+        used[codes.reshape(-1)] = True
+        l1.append(float(np.mean(np.abs(recon - to_model_range(images)))) * len(examples))
         for e, r in zip(examples, from_model_range(recon)):
             correct += bool(shapes_check.score(r, e.caption)["all_correct"])
-    return {"eval_images": num_images, "checker_accuracy": correct / num_images,
+    return {"eval_images": num_images, "checker_accuracy": correct / max(num_images, 1),
             "codebook_usage": float(used.mean()), "codes_used": int(used.sum()),
-            "recon_l1": float(np.mean(l1))}
+            "recon_l1": float(np.sum(l1) / max(num_images, 1))}
