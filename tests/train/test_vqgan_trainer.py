@@ -198,3 +198,15 @@ def test_perceptual_term_is_lpips_of_the_reconstruction():
 def test_perceptual_weight_without_weights_file_names_the_binding(tmp_path):
     with pytest.raises(ValueError, match="train_vqgan.perceptual_weights"):
         _train(tmp_path, 2, perceptual_weight=0.1)
+
+
+def test_edge_weights_by_hand():
+    # a vertical edge between columns 2 and 3: the Sobel response is 4 (of a
+    # maximum 4) in columns 2 and 3, 0 elsewhere
+    x = np.zeros((1, 5, 5, 3), np.float32)
+    x[0, :, 3:] = 1.0
+    w = np.asarray(vt.edge_weights(jnp.asarray(x), 2.0))[0, :, :, 0]
+    np.testing.assert_allclose(w, np.tile([1.0, 1.0, 3.0, 3.0, 1.0], (5, 1)))
+    flat = np.asarray(vt.edge_weights(jnp.zeros((2, 4, 4, 3)), 5.0))
+    np.testing.assert_array_equal(flat, 1.0)  # no edges, no division by zero
+    np.testing.assert_array_equal(np.asarray(vt.edge_weights(jnp.asarray(x), 0.0)), 1.0)
