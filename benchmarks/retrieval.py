@@ -1,0 +1,120 @@
+"""Retrieval throughput: our MIPS index (ScaNN tree + AH + reorder, automatic
+parameters from `choose_params`) vs batched NumPy brute force, in one run.
+
+The bank is `clustered_bank(200_000, 512, 2_000, seed)` from
+cm3leon_jax/retrieval/index.py (the same generator as the tests): unit-norm
+keys in 2,000 Gaussian clusters, the shape of a CLIP ViT-B/32 key bank
+(CM3Leon section 2.1 retrieves by MIPS over such keys).  Queries are fresh
+points from the same clusters.
+
+1. build the index with the automatic parameters (timed: build_sec);
+2. exact top-10 of every query with `exact_search` (the reference);
+3. recall@10 of the index against it;
+4. after one untimed warm-up each, alternating timed rounds (index, brute |
+   brute, index | ...) of batched search over all queries, so both see the
+   same machine load; queries/s is the median round.  The index is fast, so
+   each of its rounds repeats the batch `--index-repeats` times.
+
+Brute force is the same `exact_search` the tests use as reference: one sgemm
+per chunk of queries plus an argpartition top-k, NumPy's BLAS on every core.
+ScaNN searches with `search_batched_parallel` (its thread pool, every core).
+
+The last line printed is one JSON object (queries_per_sec_index,
+queries_per_sec_bruteforce, speedup, recall_at_10, params, n, dim, build_sec).
+Quick run: `--n 30000 --dim 64 --clusters 300 --queries 500 --rounds 1`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cm3leon_jax.retrieval.index import MipsIndex, clustered_bank, exact_search, recall_at_k  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=200_000, help="keys in the bank")
+    p.add_argument("--dim", type=int, default=512, help="key width (512 = CLIP ViT-B/32)")
+    p.add_argument("--clusters", type=int, default=2_000)
+    p.add_argument("--noise", type=float, default=1.0, help="clustered_bank noise norm")
+    p.add_argument("--queries", type=int, default=2_000)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--index-repeats", type=int, default=5, help="index batches per timed round")
+    p.add_argument("--params", default="{}", help="JSON overrides for choose_params, "
+                                                   "e.g. '{\"num_leaves_to_search\": 12}'")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t = time.time()
+    bank, queries = clustered_bank(args.n, args.dim, args.clusters, args.seed,
+                                   n_queries=args.queries, noise=args.noise)
+    print(f"bank {bank.shape} queries {queries.shape} generated in {time.time() - t:.1f}s", flush=True)
+
+    t = time.time()
+    index = MipsIndex.build(bank, embedding_model="synthetic", **json.loads(args.params))
+    # ScaNN's own build time (k-means tree + AH training + encoding), without
+    # the one-off `import scann` (TensorFlow) that the wall time also holds.
+    build_sec = index.params.get("build_sec", time.time() - t)
+    print(f"built {index!r} in {build_sec:.1f}s ({time.time() - t:.1f}s with imports): "
+          f"{index.params}", flush=True)
+
+    exact_ids, _ = exact_search(bank, queries, args.k)  # reference, doubles as brute-force warm-up
+    got, _ = index.search(queries, args.k)  # warm-up (thread pool start)
+    recall = recall_at_k(got, exact_ids)
+    print(f"recall@{args.k} {recall:.4f}", flush=True)
+
+    def time_index():
+        t0 = time.perf_counter()
+        for _ in range(args.index_repeats):
+            index.search(queries, args.k)
+        return args.index_repeats * len(queries) / (time.perf_counter() - t0)
+
+    def time_brute():
+        t0 = time.perf_counter()
+        exact_search(bank, queries, args.k)
+        return len(queries) / (time.perf_counter() - t0)
+
+    qps_index, qps_brute = [], []
+    for r in range(args.rounds):
+        order = [("index", time_index, qps_index), ("brute", time_brute, qps_brute)]
+        if r % 2:
+            order.reverse()
+        parts = []
+        for name, fn, out in order:
+            c0 = time.process_time()
+            out.append(fn())
+            parts.append(f"{name} {out[-1]:9.0f} q/s (cpu {time.process_time() - c0:.1f}s)")
+        print(f"round {r + 1}/{args.rounds}: " + " | ".join(parts), flush=True)
+
+    qi, qb = statistics.median(qps_index), statistics.median(qps_brute)
+    print(f"median: index {qi:.0f} q/s, brute force {qb:.0f} q/s, speedup {qi / qb:.1f}x "
+          f"at recall@{args.k} {recall:.4f} (load average {os.getloadavg()[0]:.1f})", flush=True)
+    print(json.dumps({
+        "queries_per_sec_index": qi,
+        "queries_per_sec_bruteforce": qb,
+        "speedup": qi / qb,
+        f"recall_at_{args.k}": recall,
+        "params": index.params,
+        "n": args.n,
+        "dim": args.dim,
+        "build_sec": build_sec,
+        "n_queries": args.queries,
+        "clusters": args.clusters,
+        "rounds_index": qps_index,
+        "rounds_bruteforce": qps_brute,
+    }))
+
+
+if __name__ == "__main__":
+    main()
