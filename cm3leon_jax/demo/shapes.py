@@ -30,8 +30,11 @@ A relation joins *consecutive* shapes: "A above B to the left of C" states
 What the words mean in pixels (the checker uses the same definitions):
 
 - sizes: the shape's extent (the larger side of its bounding box) is a fraction
-  of the image side drawn from `SIZES` ("small" 0.16-0.20, "large"
-  0.30-0.36); the checker splits at `SIZE_THRESHOLD` = 0.25.
+  of the image side drawn from `SIZES` ("small" 0.20-0.24, "large"
+  0.34-0.40); the checker splits at `SIZE_THRESHOLD` = 0.29. At 64x64 a
+  small shape is 13-15 pixels, about two 8-pixel cells of an f=8 image
+  tokenizer across: smaller ones (the first version had 10-13 pixels) lose
+  their kind in the 8x8 codes (stars came back as blobs).
 - kinds, each drawn to fill a box of that extent: an upright isosceles
   triangle (apex up, base = height), a diamond (square turned 45 degrees), a
   five-pointed star (inner radius `STAR_INNER_RATIO` of the outer).
@@ -74,8 +77,8 @@ COLORS = {
 }
 BACKGROUND = (255, 255, 255)
 # Extent (larger bounding-box side) as a fraction of the image side.
-SIZES = {"small": (0.16, 0.20), "large": (0.30, 0.36)}
-SIZE_THRESHOLD = 0.25
+SIZES = {"small": (0.20, 0.24), "large": (0.34, 0.40)}
+SIZE_THRESHOLD = 0.29
 RELATIONS = ("above", "below", "left of", "right of")
 RELATION_PHRASES = {"above": "above", "below": "below",
                     "left of": "to the left of", "right of": "to the right of"}

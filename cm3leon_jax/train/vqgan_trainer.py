@@ -58,6 +58,9 @@ class VQTrainState:
     disc_params: dict
     disc_opt_state: optax.OptState
     usage: jax.Array  # per-code counts in the current restart window
+    # Exponential moving average of `params` (Polyak averaging), {} when off;
+    # when on, evaluation and `load_vqgan` use it instead of `params`.
+    ema_params: dict = dataclasses.field(default_factory=dict)
 
 
 def shapes_batch(seed: int, start: int, batch_size: int, resolution: int) -> np.ndarray:
@@ -97,7 +100,8 @@ def load_vqgan(model_dir: str):
     restored = ocp.StandardCheckpointer().restore(
         os.path.join(ckpt_lib.checkpoint_dir(model_dir), str(step), ckpt_lib.STATE))
     ckptr.close()
-    params = restored["params"] if "params" in restored else restored
+    # a training checkpoint holds the train state: its EMA params when kept
+    params = restored.get("ema_params") or restored["params"] if "params" in restored else restored
     jax.tree.map(lambda a, b: None, abstract, params)  # structure check: raises on mismatch
     return cfg, params
 
@@ -123,10 +127,12 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
                        l1_weight: float, l2_weight: float, codebook_weight: float,
                        commitment_weight: float, gan_weight: float, gan_start_step: int,
                        restart_every: int, perceptual=None, perceptual_weight: float = 0.0,
-                       edge_weight: float = 0.0) -> Callable:
+                       edge_weight: float = 0.0, ema_decay: float = 0.0) -> Callable:
     """`step_fn(state, images, rng, perceptual_params=None)`. `perceptual`: None
     or the LPIPS module; its frozen params are an argument of the step (not
-    closed over, which would bake ~60 MB of VGG16 into the program)."""
+    closed over, which would bake ~60 MB of VGG16 into the program).
+    ema_decay > 0 keeps `state.ema_params`, an EMA of the params whose decay
+    ramps up as min(ema_decay, (1 + step) / (10 + step))."""
     n_codes = model.config.num_embeddings
 
     def loss_fn(params, disc_params, images, step, perceptual_params):
@@ -177,6 +183,14 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
         dead = (usage == 0) & do_restart
         params = dict(params)
         params["codebook"] = jnp.where(dead[:, None], jax.lax.stop_gradient(picks), params["codebook"])
+        ema_params = state.ema_params
+        if ema_decay > 0:
+            t = step1.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+            # a restarted code starts afresh in the average too
+            ema_params = dict(ema_params)
+            ema_params["codebook"] = jnp.where(dead[:, None], params["codebook"], ema_params["codebook"])
         window_used = jnp.mean((usage > 0).astype(jnp.float32))
         probs = usage / jnp.maximum(jnp.sum(usage), 1)
         perplexity = jnp.exp(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0)))
@@ -187,7 +201,7 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
                    "codes_restarted": jnp.sum(dead), "batch_codes_used": jnp.sum(batch_counts > 0)}
         usage = jnp.where(do_restart, jnp.zeros_like(usage), usage)
         new_state = VQTrainState(step=step1, params=params, opt_state=opt_state, disc_params=disc_params,
-                                 disc_opt_state=disc_opt_state, usage=usage)
+                                 disc_opt_state=disc_opt_state, usage=usage, ema_params=ema_params)
         return new_state, metrics
 
     return step_fn
@@ -211,6 +225,7 @@ def train_vqgan(*,
                 codebook_weight: float = 1.0,
                 commitment_weight: Optional[float] = None,
                 restart_every: int = 100,
+                ema_decay: float = 0.0,
                 perceptual_weight: float = 0.0,
                 perceptual_weights: Optional[str] = None,
                 gan_weight: float = 0.0,
@@ -254,7 +269,8 @@ def train_vqgan(*,
         dparams = disc.init(jax.random.fold_in(key, 1), dummy)["params"] if disc else {}
         return VQTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                             disc_params=dparams, disc_opt_state=disc_tx.init(dparams) if disc else (),
-                            usage=jnp.zeros((cfg.num_embeddings,), jnp.int32))
+                            usage=jnp.zeros((cfg.num_embeddings,), jnp.int32),
+                            ema_params=params if ema_decay > 0 else {})
 
     abstract = jax.eval_shape(init)
     replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -272,7 +288,8 @@ def train_vqgan(*,
         model, tx, disc, disc_tx, l1_weight=l1_weight, l2_weight=l2_weight,
         codebook_weight=codebook_weight, commitment_weight=commitment_weight,
         gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every,
-        perceptual=perceptual, perceptual_weight=perceptual_weight, edge_weight=edge_weight),
+        perceptual=perceptual, perceptual_weight=perceptual_weight, edge_weight=edge_weight,
+        ema_decay=ema_decay),
         donate_argnums=(0,))
     writer = metrics_lib.create_writer(model_dir)
     progress = metrics_lib.Progress(train_steps, start)
@@ -297,7 +314,7 @@ def train_vqgan(*,
     finally:
         ckpt.close()
         writer.flush()
-    result = evaluate_reconstructions(cfg, state.params, eval_images, eval_seed)
+    result = evaluate_reconstructions(cfg, state.ema_params or state.params, eval_images, eval_seed)
     result["train_steps"] = step
     with open(os.path.join(model_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

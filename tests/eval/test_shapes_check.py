@@ -1,5 +1,6 @@
 """The analytic shapes checker: hand-drawn images, acceptance on generated
 ground truth, robustness to blur/noise/JPEG, and wrong captions rejected."""
+import dataclasses
 import io
 
 import numpy as np
@@ -90,6 +91,56 @@ def test_extra_shape_fails_the_count():
     result = shapes_check.score(image, ex.caption)
     assert result["num_detected"] == 2 and result["facts"]["count"] is False
     assert not result["all_correct"] and result["fraction_correct"] == pytest.approx(4 / 5)
+
+
+def _touching_pair(rng, resolution=64):
+    """Two random shapes moved together along a random direction until they
+    touch (8-connected after a mild blur): one component, two shapes."""
+    while True:
+        specs = [shapes.ShapeSpec(shapes.KINDS[rng.integers(5)], c, "large",
+                                  (0.5, 0.5), float(rng.uniform(0.2, 0.4))) for c in ("red", "blue")]
+        angle = rng.uniform(0, 2 * np.pi)
+        a = shapes.shape_mask(specs[0], resolution)
+        for r in np.linspace(0.05, 0.5, 60):
+            centre = (0.5 + r * np.cos(angle), 0.5 + r * np.sin(angle))
+            b = shapes.shape_mask(dataclasses.replace(specs[1], center=centre), resolution)
+            if not (a & b).any():
+                break
+        union = ndimage.gaussian_filter((a | b).astype(float), 0.7) >= 0.5
+        if ndimage.label(union, np.ones((3, 3)))[1] == 1:
+            return union
+
+
+def test_one_shape_misfit_separates_single_shapes_from_touching_pairs():
+    """The rule that keeps a two-toned shape whole: blurred single shapes fit
+    a kind's outline, unions of two touching shapes do not."""
+    rng = np.random.default_rng(0)
+    single = []
+    for _ in range(150):
+        spec = shapes.ShapeSpec(shapes.KINDS[rng.integers(5)], "red", "large",
+                                tuple(rng.uniform(0.3, 0.7, 2)), float(rng.uniform(0.2, 0.4)))
+        blurred = ndimage.gaussian_filter(shapes.shape_mask(spec, 64).astype(float), rng.uniform(0.3, 1.2))
+        single.append(shapes_check._outline_misfit(ndimage.binary_fill_holes(blurred >= 0.5)))
+    pairs = [shapes_check._outline_misfit(_touching_pair(rng)) for _ in range(150)]
+    assert max(single) < shapes_check.ONE_SHAPE_MISFIT / 1.5
+    assert min(pairs) > shapes_check.ONE_SHAPE_MISFIT * 1.5
+
+
+def test_two_toned_shape_is_one_shape_and_touching_shapes_are_two():
+    yellow, orange = shapes.COLORS["yellow"], shapes.COLORS["orange"]
+    image = shapes.render([shapes.ShapeSpec("circle", "yellow", "large", (0.5, 0.5), 0.35)], 64)
+    right = (image == yellow).all(-1) & (np.arange(64)[None, :] >= 36)
+    image[right] = orange  # 40% of the disc shaded orange
+    [one] = shapes_check.extract_facts(image)
+    assert (one.kind, one.color) == ("circle", "yellow")
+    assert shapes_check.score(image, "a large yellow circle in the center")["all_correct"]
+    # A red square and a blue circle that touch stay two shapes.
+    image = _white()
+    image[20:36, 10:26] = shapes.COLORS["red"]
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    image[(xx - 34) ** 2 + (yy - 28) ** 2 <= 8 ** 2] = shapes.COLORS["blue"]
+    found = shapes_check.extract_facts(image)
+    assert sorted((s.kind, s.color) for s in found) == [("circle", "blue"), ("square", "red")]
 
 
 def test_moments_are_blur_invariant():

@@ -82,6 +82,34 @@ def test_no_restart_inside_the_window():
     assert int(new_state.usage.sum()) == 4 * cfg.codes_per_image
 
 
+def test_ema_params_follow_the_worked_update_and_restarts():
+    """ema' = d ema + (1 - d) params' with d = min(decay, (1 + t) / (10 + t)) at
+    step t = 1, except restarted codes, which the average takes as they are."""
+    cfg = small_config(**MICRO)
+    model = VQGAN(cfg)
+    images = jnp.asarray(vt.shapes_batch(0, 0, 4, cfg.resolution))
+    codebook = jnp.concatenate([jnp.zeros((1, cfg.embed_dim)), jnp.full((31, cfg.embed_dim), 1e3)])
+    tx = optax.adam(1e-3)
+    fn = vt.make_vq_train_step(model, tx, None, None, l1_weight=1.0, l2_weight=1.0,
+                               codebook_weight=1.0, commitment_weight=0.25, gan_weight=0.0,
+                               gan_start_step=0, restart_every=1, ema_decay=0.99)
+    state = _state(model, tx, None, None, images, codebook)
+    old = state.params
+    state = state.replace(ema_params=jax.tree.map(lambda a: a + 1.0, old))  # an average != params
+    new_state, metrics = jax.jit(fn)(state, images, jax.random.PRNGKey(3))
+    d = 2.0 / 11.0
+    want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new_state.params)
+    got = new_state.ema_params
+    for path, w in jax.tree_util.tree_leaves_with_path(want):
+        g = dict(jax.tree_util.tree_leaves_with_path(got))[path]
+        if path[0].key == "codebook":
+            np.testing.assert_allclose(np.asarray(g)[0], np.asarray(w)[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(g)[1:], np.asarray(new_state.params["codebook"])[1:])
+        else:
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    assert int(metrics["codes_restarted"]) == 31
+
+
 def test_gan_is_off_before_its_start_step_and_on_after():
     cfg = small_config(**MICRO)
     model = VQGAN(cfg)
