@@ -16,18 +16,17 @@ Quick run: `--base-channels 32 --batch 2 --rounds 1`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
+
+from common import (JaxCall, TorchCall, add_round_args, alternating_rounds, apply_xla_flags, make_parser,
+                    report_ratio, save_hf_model, say, say_jax_banner, torch_all_cores)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--base-channels", type=int, default=128)
     p.add_argument("--channel-multiplier", default="1,2,2,4", help="comma-separated; f = 2^(n-1)")
@@ -35,91 +34,45 @@ def parse_args(argv=None):
     p.add_argument("--num-embeddings", type=int, default=8192)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="images per encode call")
-    p.add_argument("--calls", type=int, default=2, help="timed encode calls per round and framework")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS (appended)")
-    p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_round_args(p)
     return p.parse_args(argv)
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.xla_flags:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+if ARGS is not None:
+    apply_xla_flags(ARGS.xla_flags)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cm3leon_jax.models.vqgan import VQGAN  # noqa: E402
 from cm3leon_jax.models.vqgan_convert import load_hf_vqgan  # noqa: E402
 
 
-def say(*a):
-    print(*a, flush=True)
-
-
 def build_torch(args, out_dir: str):
     """Random-weight JanusVQVAE written as safetensors + config.json."""
-    import torch
-    from safetensors.torch import save_file
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
+    torch = torch_all_cores()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(os.cpu_count())
     mult = [int(m) for m in args.channel_multiplier.split(",")]
     hc = JanusVQVAEConfig(embed_dim=args.embed_dim, num_embeddings=args.num_embeddings,
                           latent_channels=256, base_channels=args.base_channels,
                           channel_multiplier=mult, num_res_blocks=args.num_res_blocks,
                           num_patches=args.resolution // 2 ** (len(mult) - 1))
-    model = JanusVQVAE(hc).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out_dir, "model.safetensors"))
-    hc.save_pretrained(out_dir)
-    return model
+    return save_hf_model(JanusVQVAE(hc).eval(), hc, out_dir)
 
 
-class JaxEncoder:
-    def __init__(self, cfg, params, images):
-        model = VQGAN(cfg)
-        self.params = jax.tree.map(jnp.asarray, params)
-        self.fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode))
-        self.x = jnp.asarray(images.transpose(0, 2, 3, 1))  # NCHW -> NHWC
+def torch_encoder(model, images) -> TorchCall:
+    import torch
 
-    def codes(self):
-        return np.asarray(self.fn(self.params, self.x))
-
-    def run(self, n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = self.fn(self.params, self.x)
-        out.block_until_ready()
-        return time.perf_counter() - t0
-
-
-class TorchEncoder:
-    def __init__(self, model, images):
-        import torch
-
-        self.torch, self.model = torch, model
-        self.x = torch.from_numpy(images)
-
-    def codes(self):
-        with self.torch.inference_mode():
-            return self.model.encode(self.x).image_tokens.view(self.x.shape[0], -1).numpy()
-
-    def run(self, n: int) -> float:
-        t0 = time.perf_counter()
-        with self.torch.inference_mode():
-            for _ in range(n):
-                self.model.encode(self.x)
-        return time.perf_counter() - t0
+    x = torch.from_numpy(images)
+    return TorchCall(lambda: model.encode(x), post=lambda out: out.image_tokens.view(x.shape[0], -1))
 
 
 def main(args):
-    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    say_jax_banner()
     rng = np.random.default_rng(args.seed)
     images = rng.uniform(-1, 1, (args.batch, 3, args.resolution, args.resolution)).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:
@@ -128,31 +81,22 @@ def main(args):
     say(f"config: {args.resolution}^2 -> {cfg.latent_size}x{cfg.latent_size} codes of "
         f"{cfg.num_embeddings}, base {cfg.base_channels}, mult {cfg.channel_multiplier}, "
         f"{cfg.num_res_blocks} res blocks; {report['tensors_used']} tensors imported")
-    runners = {"jax": JaxEncoder(cfg, params, images)}
+    runners = {"jax": JaxCall.flax_method(VQGAN(cfg), VQGAN.encode, params,
+                                          images.transpose(0, 2, 3, 1))}  # NCHW -> NHWC
     if not args.skip_torch:
-        runners["torch"] = TorchEncoder(torch_model, images)
-    codes = {name: r.codes() for name, r in runners.items()}  # also the warm-up / compile
+        runners["torch"] = torch_encoder(torch_model, images)
+    codes = {name: r.output() for name, r in runners.items()}  # also the warm-up / compile
     agreement = float((codes["jax"] == codes["torch"]).mean()) if "torch" in codes else None
     if agreement is not None:
         say(f"code agreement jax vs torch: {100 * agreement:.2f}% of {codes['jax'].size} positions")
     for r in runners.values():
         r.run(1)
 
-    rates = {name: [] for name in runners}
-    for rnd in range(args.rounds):
-        order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
-        line = []
-        for name in order:
-            dt = runners[name].run(args.calls)
-            rates[name].append(args.calls * args.batch / dt)
-            line.append(f"{name} {rates[name][-1]:6.2f} img/s")
-        say(f"round {rnd + 1}/{args.rounds}: " + " | ".join(line))
-    med = {name: statistics.median(v) for name, v in rates.items()}
-    ratio = med["jax"] / med["torch"] if "torch" in med else None
+    _, med = alternating_rounds({name: r.run for name, r in runners.items()}, args.rounds, args.calls,
+                                args.batch, "img/s", line_format="{name} {rate:6.2f} {unit}")
     for name, v in med.items():
         say(f"{name:5s}: median {v:.2f} images/s")
-    if ratio is not None:
-        say(f"ratio jax/torch: {ratio:.3f}")
+    ratio = report_ratio(med)
     result = {"images_per_sec_jax": med["jax"], "images_per_sec_torch": med.get("torch"),
               "ratio": ratio, "code_agreement": agreement,
               "config": {"resolution": args.resolution, "codes_per_image": cfg.codes_per_image,

@@ -25,21 +25,19 @@ Quick run: `--n 30000 --dim 64 --clusters 300 --queries 500 --rounds 1`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import alternating_rounds, make_parser, say, timed_calls  # noqa: E402
 from cm3leon_jax.retrieval.index import MipsIndex, clustered_bank, exact_search, recall_at_k  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--n", type=int, default=200_000, help="keys in the bank")
     p.add_argument("--dim", type=int, default=512, help="key width (512 = CLIP ViT-B/32)")
     p.add_argument("--clusters", type=int, default=2_000)
@@ -59,47 +57,29 @@ def main(argv=None):
     t = time.time()
     bank, queries = clustered_bank(args.n, args.dim, args.clusters, args.seed,
                                    n_queries=args.queries, noise=args.noise)
-    print(f"bank {bank.shape} queries {queries.shape} generated in {time.time() - t:.1f}s", flush=True)
+    say(f"bank {bank.shape} queries {queries.shape} generated in {time.time() - t:.1f}s")
 
     t = time.time()
     index = MipsIndex.build(bank, embedding_model="synthetic", **json.loads(args.params))
     # ScaNN's own build time (k-means tree + AH training + encoding), without
     # the one-off `import scann` (TensorFlow) that the wall time also holds.
     build_sec = index.params.get("build_sec", time.time() - t)
-    print(f"built {index!r} in {build_sec:.1f}s ({time.time() - t:.1f}s with imports): "
-          f"{index.params}", flush=True)
+    say(f"built {index!r} in {build_sec:.1f}s ({time.time() - t:.1f}s with imports): "
+        f"{index.params}")
 
     exact_ids, _ = exact_search(bank, queries, args.k)  # reference, doubles as brute-force warm-up
     got, _ = index.search(queries, args.k)  # warm-up (thread pool start)
     recall = recall_at_k(got, exact_ids)
-    print(f"recall@{args.k} {recall:.4f}", flush=True)
+    say(f"recall@{args.k} {recall:.4f}")
 
-    def time_index():
-        t0 = time.perf_counter()
-        for _ in range(args.index_repeats):
-            index.search(queries, args.k)
-        return args.index_repeats * len(queries) / (time.perf_counter() - t0)
-
-    def time_brute():
-        t0 = time.perf_counter()
-        exact_search(bank, queries, args.k)
-        return len(queries) / (time.perf_counter() - t0)
-
-    qps_index, qps_brute = [], []
-    for r in range(args.rounds):
-        order = [("index", time_index, qps_index), ("brute", time_brute, qps_brute)]
-        if r % 2:
-            order.reverse()
-        parts = []
-        for name, fn, out in order:
-            c0 = time.process_time()
-            out.append(fn())
-            parts.append(f"{name} {out[-1]:9.0f} q/s (cpu {time.process_time() - c0:.1f}s)")
-        print(f"round {r + 1}/{args.rounds}: " + " | ".join(parts), flush=True)
-
-    qi, qb = statistics.median(qps_index), statistics.median(qps_brute)
-    print(f"median: index {qi:.0f} q/s, brute force {qb:.0f} q/s, speedup {qi / qb:.1f}x "
-          f"at recall@{args.k} {recall:.4f} (load average {os.getloadavg()[0]:.1f})", flush=True)
+    runners = {"index": lambda n: timed_calls(lambda: index.search(queries, args.k), n),
+               "brute": lambda n: timed_calls(lambda: exact_search(bank, queries, args.k), n)}
+    rates, med = alternating_rounds(runners, args.rounds, {"index": args.index_repeats, "brute": 1},
+                                    len(queries), "q/s", line_format="{name} {rate:9.0f} {unit} (cpu {cpu:.1f}s)")
+    qps_index, qps_brute = rates["index"], rates["brute"]
+    qi, qb = med["index"], med["brute"]
+    say(f"median: index {qi:.0f} q/s, brute force {qb:.0f} q/s, speedup {qi / qb:.1f}x "
+        f"at recall@{args.k} {recall:.4f} (load average {os.getloadavg()[0]:.1f})")
     print(json.dumps({
         "queries_per_sec_index": qi,
         "queries_per_sec_bruteforce": qb,

@@ -31,13 +31,14 @@ itself once with MALLOC_TUNING in the environment (unless
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import statistics
 import sys
 import time
+
+from common import (alternating_rounds, apply_xla_flags, make_parser, report_ratio, say,
+                    say_jax_banner, torch_all_cores)
 
 # XLA CPU flags used by default for our side. None of the XLA:CPU flags of
 # jax 0.10.2 tried helped this model (benchmarks/RESULTS.md lists them), so
@@ -47,8 +48,7 @@ DEFAULT_XLA_FLAGS = ""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -109,16 +109,8 @@ if ARGS is not None:
     _maybe_reexec(ARGS)
 
 
-def xla_flags_for(args) -> str:
-    parts = []
-    if not args.no_default_xla_flags:
-        parts.append(DEFAULT_XLA_FLAGS)
-    parts += [os.environ.get("XLA_FLAGS", ""), args.xla_flags]
-    return " ".join(p.strip() for p in parts if p and p.strip())
-
-
 if ARGS is not None:
-    os.environ["XLA_FLAGS"] = xla_flags_for(ARGS)
+    apply_xla_flags(ARGS.xla_flags, defaults="" if ARGS.no_default_xla_flags else DEFAULT_XLA_FLAGS)
 
 import numpy as np  # noqa: E402
 import jax  # noqa: E402
@@ -137,10 +129,6 @@ LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 def _use_mesh(mesh):
     """`jax.set_mesh` where it exists (`with mesh:` is deprecated), else the mesh."""
     return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
-
-
-def say(*a):
-    print(*a, flush=True)
 
 
 def make_batch(args):
@@ -230,10 +218,9 @@ class JaxRunner:
 
 class TorchRunner:
     def __init__(self, args, inputs, targets):
-        import torch
         from transformers import OPTConfig, OPTForCausalLM
 
-        torch.set_num_threads(os.cpu_count())
+        torch = torch_all_cores()
         torch.manual_seed(args.seed)
         self.torch = torch
         self.config = OPTConfig(
@@ -282,8 +269,7 @@ def main(args):
     flags = os.environ.get("XLA_FLAGS", "")
     tokens_per_step = args.batch * args.seq
     malloc_env = {k: os.environ[k] for k in MALLOC_TUNING if k in os.environ}
-    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-        f"XLA_FLAGS={flags!r}; malloc env {malloc_env or 'glibc defaults'}")
+    say_jax_banner(f"malloc env {malloc_env or 'glibc defaults'}")
     inputs, targets = make_batch(args)
 
     peak = MatmulPeak(args.matmul_n)
@@ -319,33 +305,21 @@ def main(args):
     for name, r in runners.items():
         say(f"{name}: warm-up {max(args.warmup, 1)} x {args.steps} steps {warm[name]:.1f}s, loss {r.loss:.4f}")
 
-    rates = {name: [] for name in runners}
-    for rnd in range(args.rounds):
-        order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
-        line = []
-        for name in order:
-            c0 = os.times()
-            dt = runners[name].run(args.steps)
-            c1 = os.times()
-            tps = args.steps * tokens_per_step / dt
-            rates[name].append(tps)
-            line.append(f"{name} {tps:7.1f} tok/s ({dt / args.steps:.2f} s/step, cpu user "
-                        f"{(c1.user - c0.user) / args.steps:.1f}s sys {(c1.system - c0.system) / args.steps:.1f}s)")
-        peak.measure(repeats=2)
-        say(f"round {rnd + 1}/{args.rounds}: " + " | ".join(line))
+    rates, med = alternating_rounds(
+        {name: r.run for name, r in runners.items()}, args.rounds, args.steps, tokens_per_step, "tok/s",
+        line_format="{name} {rate:7.1f} {unit} ({wall_per_call:.2f} s/step, "
+                    "cpu user {user_per_call:.1f}s sys {sys_per_call:.1f}s)",
+        after_round=lambda: peak.measure(repeats=2))
 
-    med = {name: statistics.median(v) for name, v in rates.items()}
     best_peak = peak.best
     tps_jax, tps_torch = med.get("jax"), med.get("torch")
-    ratio = tps_jax / tps_torch if tps_jax and tps_torch else None
     mfu = {name: flops_per_token * v / best_peak for name, v in med.items()}
     say(f"train FLOPs/token {flops_per_token / 1e6:.1f}M; matmul peak {best_peak / 1e9:.1f} GFLOP/s")
     for name in runners:
         say(f"{name:5s}: median {med[name]:7.1f} tok/s  (rounds: "
             + ", ".join(f"{v:.0f}" for v in rates[name])
             + f")  MFU {100 * mfu[name]:.1f}%  final loss {runners[name].loss:.4f}")
-    if ratio is not None:
-        say(f"ratio jax/torch: {ratio:.3f}")
+    ratio = report_ratio(med)
     say(f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
 
     result = {

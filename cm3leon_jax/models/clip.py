@@ -422,6 +422,8 @@ def preprocess_images(images, config: CLIPConfig, mean: Sequence[float] = OPENAI
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")
 TOKENIZER_SUBDIR = "tokenizer"
+# Where a CLIP trained here keeps the project's BPE (`cm3leon clip train`).
+TEXT_TOKENIZER_SUBDIR = "text_tokenizer"
 
 
 class CLIPTextTokenizer:
@@ -501,9 +503,10 @@ class CLIPTextTokenizer:
     def from_model_dir(cls, model_dir: str, text_tokenizer: Optional[str] = None,
                        max_length: Optional[int] = None) -> "CLIPTextTokenizer":
         """The tokenizer of a CLIP model dir: HF files in `<model_dir>/tokenizer/`
-        when present, else the project's BPE at `text_tokenizer` (required
-        then). max_length defaults to the model's max_position_embeddings; the
-        ids are checked against `clip_config.json` when it exists."""
+        when present, else the project's BPE at `text_tokenizer`, else the one
+        a CLIP trained here saved in `<model_dir>/text_tokenizer/`. max_length
+        defaults to the model's max_position_embeddings; the ids are checked
+        against `clip_config.json` when it exists."""
         from cm3leon_jax.models import clip_convert
 
         cfg = None
@@ -521,9 +524,12 @@ class CLIPTextTokenizer:
             tok = cls.from_hf_dir(hf_dir, max_length)
         elif text_tokenizer:
             tok = cls.from_text_tokenizer(text_tokenizer, max_length)
+        elif os.path.isfile(os.path.join(model_dir, TEXT_TOKENIZER_SUBDIR, "tokenizer.json")):
+            tok = cls.from_text_tokenizer(os.path.join(model_dir, TEXT_TOKENIZER_SUBDIR), max_length)
         else:
             raise ValueError(f"{model_dir}: no HF tokenizer files in {hf_dir} (vocab.json + merges.txt or "
-                             "tokenizer.json); pass text_tokenizer=<dir of the project's BPE>")
+                             f"tokenizer.json) and no project BPE in {TEXT_TOKENIZER_SUBDIR}/; pass "
+                             "text_tokenizer=<dir of the project's BPE>")
         if cfg is not None:
             tok.check_config(cfg)
         return tok

@@ -1,0 +1,184 @@
+"""Random-access document sources: what the memory bank is built from.
+
+A *document* is one image-text pair of a corpus, either half possibly absent
+(CM3Leon's memory bank holds multimodal and single-modality documents and
+prefers the former; PAPER.md, "Retrieval augmentation"). A source is anything
+with
+
+    len(source)             number of documents (skipped ones included)
+    source[i]               {"id": int64 document id, "text": str | None,
+                             "image": uint8 [H, W, 3] | None}
+
+and may raise `SkippedDocument` for a document that cannot be used (a
+corrupt image, a record with neither text nor image); consumers count those
+by `.reason` and go on. Ids are stable: they do not change when another
+document is skipped, so a neighbour table built today still names the same
+documents after a corrupt file is fixed.
+
+`open_source(spec)` reads the spec syntax `cm3leon prepare --source=` takes:
+`shapes:N[:SEED]`, `image_folder:PATH`, `webdataset:GLOB`, `tfds:NAME` (the
+last two arrive with data preparation). The prepared dataset (ArrayRecord)
+will implement the same protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+from cm3leon_jax.data import images as images_lib
+
+CAPTIONS_FILE = "captions.jsonl"
+SPEC_KINDS = ("shapes", "image_folder", "webdataset", "tfds")
+SPEC_HELP = ("shapes:N (N procedurally generated shapes documents, optionally shapes:N:SEED), "
+             "image_folder:PATH (images + captions.jsonl), webdataset:GLOB, tfds:NAME")
+
+
+class SkippedDocument(ValueError):
+    """Document `index` of a source cannot be used; `.reason` is a short
+    category for skip counts ("corrupt or truncated image", "empty document")."""
+
+    def __init__(self, index: int, reason: str, detail: str = ""):
+        self.index, self.reason = int(index), reason
+        super().__init__(f"document {index}: {reason}{': ' + detail if detail else ''}")
+
+
+@runtime_checkable
+class DocumentSource(Protocol):
+    spec: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+
+def _check_index(index, n: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"document index must be an integer, got {type(index).__name__}")
+    if not 0 <= index < n:
+        raise IndexError(f"document index {index} out of range [0, {n})")
+    return int(index)
+
+
+class ShapesSource:
+    """Documents 0 .. num-1 of the procedural shapes stream `seed`: every
+    document has its image and its caption; the id is the stream index."""
+
+    def __init__(self, num: int, seed: int = 0, resolution: int = 64):
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
+            raise ValueError(f"shapes source: the number of documents must be an integer >= 0, got {num!r}")
+        if seed < 0:
+            raise ValueError(f"shapes source: seed must be >= 0, got {seed}")
+        self.num, self.seed, self.resolution = int(num), int(seed), int(resolution)
+        self.spec = f"shapes:{self.num}:{self.seed}"
+        self.skipped: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> dict:
+        from cm3leon_jax.demo import shapes
+
+        index = _check_index(index, self.num)
+        ex = shapes.generate_example(self.seed, index, self.resolution)
+        return {"id": np.int64(index), "text": ex.caption, "image": ex.image}
+
+
+class ImageFolderSource:
+    """A folder with `captions.jsonl`, one JSON object a line:
+    `{"file": "00000.png", "caption": "..."}` (the layout
+    `demo.shapes.write_corpus` writes). The document id is the record's
+    0-based line number. A missing or empty "file" makes a text-only
+    document, a missing or empty "caption" an image-only one.
+
+    Lines that are blank, not JSON objects, or name a file outside the folder
+    are counted in `.skipped` by reason and never become documents; images
+    that fail to decode raise `SkippedDocument` when read (decoding every
+    image up front would cost as much as the job itself)."""
+
+    def __init__(self, path: str, resolution: int = 256):
+        self.path = os.path.abspath(path)
+        self.resolution = int(resolution)
+        self.spec = f"image_folder:{path}"
+        if not os.path.isdir(path):
+            raise ValueError(f"image folder {path!r} does not exist or is not a directory")
+        captions = os.path.join(path, CAPTIONS_FILE)
+        if not os.path.isfile(captions):
+            raise ValueError(f"image folder {path!r} has no {CAPTIONS_FILE} (one JSON object a line: "
+                             '{"file": "00000.png", "caption": "..."})')
+        self.skipped: Dict[str, int] = {}
+        self._records: List[tuple] = []  # (line number, file or None, caption or None)
+        with open(captions, encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f):
+                rec = self._parse(line)
+                if isinstance(rec, str):
+                    self.skipped[rec] = self.skipped.get(rec, 0) + 1
+                else:
+                    self._records.append((line_no, *rec))
+
+    def _parse(self, line: str):
+        """(file, caption) or the reason the line is skipped."""
+        if not line.strip():
+            return "blank line in captions.jsonl"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            return "captions.jsonl line is not JSON"
+        if not isinstance(rec, dict):
+            return "captions.jsonl line is not a JSON object"
+        file, caption = rec.get("file"), rec.get("caption")
+        if file is not None and not isinstance(file, str) or caption is not None and not isinstance(caption, str):
+            return "captions.jsonl record with a non-string file or caption"
+        file = file or None
+        caption = caption if caption and caption.strip() else None
+        if file is not None:
+            full = os.path.normpath(os.path.join(self.path, file))
+            if os.path.isabs(file) or not full.startswith(self.path + os.sep):
+                return "file outside the image folder"
+        if file is None and caption is None:
+            return "empty document (no file, no caption)"
+        return file, caption
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        index = _check_index(index, len(self._records))
+        line_no, file, caption = self._records[index]
+        image = None
+        if file is not None:
+            try:
+                image = images_lib.load_image(os.path.join(self.path, file), self.resolution, name=file)
+            except images_lib.BadImageError as e:
+                raise SkippedDocument(index, e.reason, str(e)) from None
+        return {"id": np.int64(line_no), "text": caption, "image": image}
+
+
+def open_source(spec: str, resolution: Optional[int] = None):
+    """The document source a spec names (see the module docstring).
+    `resolution` overrides the source's image side (shapes: 64, image
+    folders: 256)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"unknown source spec {spec!r}: expected one of {SPEC_HELP}")
+    kind, _, rest = spec.partition(":")
+    extra = {} if resolution is None else {"resolution": int(resolution)}
+    if kind == "shapes":
+        parts = rest.split(":")
+        if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"bad source spec {spec!r}: expected shapes:N or shapes:N:SEED with "
+                             "non-negative integers")
+        num = int(parts[0])
+        if num == 0:
+            raise ValueError(f"source {spec!r} has no documents: give shapes:N with N >= 1")
+        return ShapesSource(num, int(parts[1]) if len(parts) == 2 else 0, **extra)
+    if kind == "image_folder":
+        if not rest:
+            raise ValueError(f"bad source spec {spec!r}: expected image_folder:PATH")
+        return ImageFolderSource(rest, **extra)
+    if kind in ("webdataset", "tfds"):
+        raise ValueError(f"source {spec!r}: {kind} sources are not supported yet; they come with data "
+                         "preparation (`cm3leon prepare`, a later issue). Use shapes:N or "
+                         "image_folder:PATH")
+    raise ValueError(f"unknown source kind {kind!r} in {spec!r}: expected one of {SPEC_HELP}")
