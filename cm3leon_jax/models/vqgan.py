@@ -40,6 +40,11 @@ class VQGANConfig:
     # transformers' Janus VQ-VAE L2-normalises codebook vectors when decoding
     # codes (LlamaGen's habit) but not when encoding; Chameleon's does neither.
     l2_normalize_codes_on_decode: bool = False
+    # ViT-VQGAN / LlamaGen's l2-normalised codes: latents and codebook vectors
+    # are unit-normalised before the nearest-code search (cosine similarity)
+    # and the decoder sees the normalised code vectors, in training, encode
+    # and decode alike. Off for Chameleon / Janus checkpoints.
+    l2_normalize_codes: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -178,6 +183,10 @@ class Decoder(nn.Module):
         return _conv(cfg.out_channels, 3, "conv_out")(h)
 
 
+def _unit(x):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def nearest_codes(z, codebook):
     """argmin_j ||z - e_j||^2 over the codebook, computed as ||e||^2 - 2 z.e
     (||z||^2 is constant per row). z: [..., D], codebook: [N, D]."""
@@ -207,21 +216,28 @@ class VQGAN(nn.Module):
                              f"{cfg.in_channels}] in [-1, 1]; got {images.shape}")
 
     def latents(self, images):
+        """Encoder output before quantisation [B, h, w, embed_dim] (unit
+        vectors with `l2_normalize_codes`)."""
         self._check_images(images)
-        return self.quant_conv(self.encoder(images))
+        z = self.quant_conv(self.encoder(images))
+        return _unit(z) if self.config.l2_normalize_codes else z
+
+    def codebook_vectors(self):
+        """The codebook as the quantiser uses it [N, embed_dim]."""
+        return _unit(self.codebook) if self.config.l2_normalize_codes else self.codebook
 
     def encode(self, images):
         z = self.latents(images)
-        codes = nearest_codes(z, self.codebook)
+        codes = nearest_codes(z, self.codebook_vectors())
         return codes.reshape(codes.shape[0], -1)
 
     def code_vectors(self, codes):
         cfg = self.config
         if codes.ndim != 2 or codes.shape[1] != cfg.codes_per_image:
             raise ValueError(f"VQGAN.decode expects codes [B, {cfg.codes_per_image}]; got {codes.shape}")
-        e = jnp.take(self.codebook, codes, axis=0)
+        e = jnp.take(self.codebook_vectors(), codes, axis=0)
         if cfg.l2_normalize_codes_on_decode:
-            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+            e = _unit(e)
         return e.reshape(codes.shape[0], cfg.latent_size, cfg.latent_size, cfg.embed_dim)
 
     def decode_latents(self, zq):
@@ -234,8 +250,9 @@ class VQGAN(nn.Module):
         """Training forward: straight-through quantisation; returns the
         reconstruction, codes and the codebook/commitment losses."""
         z = self.latents(images)
-        codes = nearest_codes(jax.lax.stop_gradient(z), self.codebook)
-        zq = jnp.take(self.codebook, codes, axis=0)
+        codebook = self.codebook_vectors()
+        codes = nearest_codes(jax.lax.stop_gradient(z), codebook)
+        zq = jnp.take(codebook, codes, axis=0)
         codebook_loss = jnp.mean(jnp.square(zq - jax.lax.stop_gradient(z)))
         commitment_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(zq) - z))
         zq_st = z + jax.lax.stop_gradient(zq - z)

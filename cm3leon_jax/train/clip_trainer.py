@@ -9,15 +9,24 @@ N captions), logits = exp(t) x cosine similarity with the log temperature t
 learned (the model's `logit_scale`) and clipped at ln 100, as CLIP does, so
 the logits never exceed 100.
 
-Data: a fixed training set of the first `train_examples` examples of the
-shapes stream `data_seed`, generated once at start (rendering on the fly
-would cost about as much as a train step on a 2-core CPU). Batches are drawn
-from it as a pure function of the step (so resuming needs nothing but the
-step), and each example is mirrored left-right with probability
+Data: a fixed training set rendered once at start from the shapes stream
+`data_seed` (rendering on the fly would cost about as much as a train step
+on a 2-core CPU): S scenes and, for each, one-edit "siblings"
+(`sibling_scene`: the same scene with a shape moved or the layout flipped,
+or with one kind changed, ...). A batch is B/2 pairs of a scene and one of
+its siblings, so every example meets a hard negative that differs from it in
+one stated fact; random batches almost never do, and a CLIP trained on them
+learns colours and sizes but not where shapes are (benchmarks/RESULTS.md,
+"CLIP on shapes"). Batches are a pure function of the step (resuming needs
+nothing but the step), and each pair is mirrored left-right with probability
 `mirror_prob`: every shape kind is left-right symmetric, so the mirrored
 image is exactly the render of the mirrored scene, whose caption swaps
-"left" and "right" in positions and relations (`mirror_caption`). Held-out
-evaluation uses another stream (`eval_seed`), never trained on.
+"left" and "right" (`mirror_caption`). Held-out evaluation uses another
+stream (`eval_seed`), never trained on.
+
+Initialisation: OpenAI CLIP's scales rather than transformers' 0.02
+(`openai_scaled_init`); at width 64 the latter leaves a CLIP that, after the
+same steps, retrieves a third as well.
 
 The model dir is what `clip_convert.load_clip` and
 `CLIPTextTokenizer.from_model_dir` read: clip_config.json, checkpoints/ (the
@@ -47,6 +56,7 @@ from cm3leon_jax.models import clip_convert
 from cm3leon_jax.models.clip import (CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEXT_TOKENIZER_SUBDIR,
                                      CLIPConfig, CLIPTextTokenizer, l2_normalize, tiny_config)
 from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax.train import loop as loop_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import optimizer as optimizer_lib
 
@@ -111,7 +121,10 @@ def openai_scaled_init(params, cfg: CLIPConfig, rng, vision_position_std: Option
     torch's defaults, ~fan_in^-0.5. Here every Dense / patch kernel is
     fan_in^-0.5 and the residual outputs (out_proj, fc2) are further scaled
     by (2 layers)^-0.5, in both towers. Biases, LayerNorms and logit_scale
-    are kept."""
+    are kept. `vision_position_std` replaces width^-0.5 for the vision
+    position embeddings: larger, a patch's position is a larger share of its
+    token from the start (shapes corpus: position and relations are learned
+    sooner)."""
     layers = {"text_model": cfg.text_num_layers, "vision_model": cfg.vision_num_layers}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
@@ -188,27 +201,29 @@ def mirror_caption(caption: str) -> str:
 # Minimal edits that make a hard negative of a scene (`sibling_scene`).
 ATTRIBUTE_EDITS = ("kind", "color", "shrink", "swap_colors", "swap_kinds")
 SPATIAL_EDITS = ("move", "flip_vertical", "transpose")
+KIND_EDITS = ("kind", "swap_kinds")
+EDIT_GROUPS = {"spatial": SPATIAL_EDITS, "attribute": ATTRIBUTE_EDITS, "kind": KIND_EDITS}
 _FLIP_VERTICAL = {"above": "below", "below": "above", "left of": "left of", "right of": "right of"}
 _TRANSPOSE = {"above": "left of", "below": "right of", "left of": "above", "right of": "below"}
 
 
-def sibling_scene(specs, relations, rng: np.random.Generator, spatial_prob: float = 0.5):
+def sibling_scene(specs, relations, rng: np.random.Generator, first: str = "spatial"):
     """(specs, relations) of a scene one edit away from the given one, whose
     caption differs, or None when no edit changes it.
 
     The edits keep the scene valid by construction (bounding boxes stay
-    inside the image, apart, and relation margins hold): change one shape's
-    kind (every kind fills the same box) or colour; shrink a large shape to
-    small about its centre; move a lone shape to another grid cell (placed
-    as the generator places it); swap the colours or kinds of two shapes (the
-    binding of attributes to shapes); mirror the scene top-bottom (y -> 1 - y)
-    or transpose it (x <-> y), re-rendered, so shapes stay upright while
-    positions and relations change. With probability `spatial_prob` the
-    spatial edits (move, flips) are tried first, else the attribute edits,
-    each group in random order, until the caption changes. A pair (scene, sibling) in one batch is a hard negative both
-    ways: the two differ in exactly one stated fact or binding. Random
-    batches almost never hold two lone shapes alike but for their cell, so
-    without "move" and the flips a CLIP learns to ignore the position.
+    inside the image, apart, and relation margins hold). Attribute edits:
+    change one shape's kind (every kind fills the same box) or colour; shrink
+    a large shape to small about its centre; swap the colours or kinds of two
+    shapes (the binding of attributes to shapes). Spatial edits: move a lone
+    shape to another grid cell (placed as the generator places it); mirror
+    the scene top-bottom (y -> 1 - y) or transpose it (x <-> y), re-rendered,
+    so shapes stay upright while positions and relations change. The group
+    `first` ("spatial", "attribute" or "kind": the kind edits alone) is tried
+    first, then the others, each in random order, until the caption changes. A scene and its sibling in one batch
+    are a hard negative both ways: they differ in one stated fact or binding.
+    Random batches almost never hold two lone shapes alike but for their
+    cell, so without spatial siblings a CLIP learns to ignore where shapes are.
     """
     from cm3leon_jax.demo import shapes
 
@@ -221,7 +236,9 @@ def sibling_scene(specs, relations, rng: np.random.Generator, spatial_prob: floa
     specs, relations = list(specs), list(relations)
     original = caption(specs, relations)
     n = len(specs)
-    groups = (SPATIAL_EDITS, ATTRIBUTE_EDITS) if rng.random() < spatial_prob else (ATTRIBUTE_EDITS, SPATIAL_EDITS)
+    if first not in EDIT_GROUPS:
+        raise ValueError(f"sibling edit group {first!r}; expected one of {tuple(EDIT_GROUPS)}")
+    groups = [EDIT_GROUPS[first]] + [g for g in (ATTRIBUTE_EDITS, SPATIAL_EDITS) if g is not EDIT_GROUPS[first]]
     for edit in [e for group in groups for e in rng.permutation(group)]:
         new_specs, new_relations = list(specs), list(relations)
         i = int(rng.integers(n))
@@ -266,28 +283,30 @@ def sibling_scene(specs, relations, rng: np.random.Generator, spatial_prob: floa
     return None
 
 
-def shapes_examples_with_siblings(seed: int, num_pairs: int, resolution: int, spatial_prob: float = 0.5):
-    """(images [2P, R, R, 3], captions): examples [0, P) of the shapes stream
-    `seed`, then a sibling of each (`sibling_scene`, drawn from its own
-    generator per example), so example i and P + i are a hard-negative pair.
-    An example with no caption-changing edit is its own sibling (never: a
-    kind change always changes the caption)."""
+def shapes_examples_with_siblings(seed: int, num_scenes: int, resolution: int,
+                                  sibling_edits: Sequence[str] = ("spatial", "attribute")):
+    """(images [G S, R, R, 3], captions), G = 1 + len(sibling_edits), S =
+    num_scenes: examples [0, S) of the shapes stream `seed`, then for each
+    entry k of `sibling_edits` a sibling of every scene whose edit is drawn
+    from that group first (`sibling_scene`, its own generator per scene and
+    k). Example i + k S is scene i's k-th sibling (k >= 1): a group of G is
+    one scene and its one-edit variants. A scene no edit changes is its own
+    sibling (never: a kind change always changes the caption)."""
     from cm3leon_jax.demo import shapes
 
-    images, captions, sib_images, sib_captions = [], [], [], []
-    for i in range(num_pairs):
-        e = shapes.generate_example(seed, i, resolution)
-        images.append(e.image)
-        captions.append(e.caption)
-        sib = sibling_scene(e.shapes, e.relations, np.random.default_rng([int(seed), i, 1]), spatial_prob)
-        if sib is None:
-            sib_images.append(e.image)
-            sib_captions.append(e.caption)
-            continue
-        sib_images.append(shapes.render(sib[0], resolution))
-        sib_captions.append(shapes.make_caption(shapes.ShapesExample(None, "", tuple(sib[0]),
+    scenes = [shapes.generate_example(seed, i, resolution) for i in range(num_scenes)]
+    images, captions = [e.image for e in scenes], [e.caption for e in scenes]
+    for k, first in enumerate(sibling_edits):
+        for i, e in enumerate(scenes):
+            sib = sibling_scene(e.shapes, e.relations, np.random.default_rng([int(seed), i, 1 + k]), first)
+            if sib is None:
+                images.append(e.image)
+                captions.append(e.caption)
+                continue
+            images.append(shapes.render(sib[0], resolution))
+            captions.append(shapes.make_caption(shapes.ShapesExample(None, "", tuple(sib[0]),
                                                                      tuple(sib[1])).facts))
-    return np.stack(images + sib_images), captions + sib_captions
+    return np.stack(images), captions
 
 
 def shapes_examples(seed: int, start: int, num: int, resolution: int):
@@ -300,19 +319,24 @@ def shapes_examples(seed: int, start: int, num: int, resolution: int):
 
 
 def batch_indices(seed: int, step: int, batch_size: int, num_examples: int, mirror_prob: float,
-                  paired: bool = False):
+                  num_sibling_blocks: int = 0, blocks: Sequence[int] = (1,)):
     """(example indices [B], mirror flags [B]) of the batch at `step`: a pure
-    function of (seed, step), distinct examples within a batch. `paired`: the
-    examples are P scenes then their P siblings (`shapes_examples_with_siblings`)
-    and the batch is B/2 whole pairs, each mirrored or not as one."""
+    function of (seed, step), distinct examples within a batch.
+
+    With siblings (`num_sibling_blocks` K > 0) the examples are laid out as
+    `shapes_examples_with_siblings` writes them (S = num_examples / (1 + K)
+    scenes, then K blocks of siblings) and the batch is B / 2 pairs: a scene
+    and one of its siblings, from a block drawn uniformly from `blocks`
+    (1-based), each pair mirrored or not as one."""
     rng = np.random.default_rng([int(seed), int(step)])
-    if not paired:
+    if num_sibling_blocks == 0:
         idx = rng.choice(num_examples, size=batch_size, replace=False)
         return idx, rng.random(batch_size) < mirror_prob
-    pairs = num_examples // 2
-    first = rng.choice(pairs, size=batch_size // 2, replace=False)
+    scenes = num_examples // (1 + num_sibling_blocks)
+    first = rng.choice(scenes, size=batch_size // 2, replace=False)
+    block = np.asarray(blocks)[rng.integers(len(blocks), size=batch_size // 2)]
     flip = rng.random(batch_size // 2) < mirror_prob
-    return np.concatenate([first, first + pairs]), np.concatenate([flip, flip])
+    return np.concatenate([first, first + block * scenes]), np.concatenate([flip, flip])
 
 
 def prepare_text_tokenizer(model_dir: str, captions: Sequence[str], max_length: int,
@@ -443,8 +467,8 @@ def train_clip(*,
                text_tokenizer: Optional[str] = None,
                bpe_vocab_size: int = 384,
                train_examples: int = 20000,
-               hard_negatives: bool = True,
-               spatial_edit_prob: float = 0.5,
+               sibling_edits: Sequence[str] = ("spatial", "attribute"),
+               first_sibling_only_until: float = 0.3,
                mirror_prob: float = 0.5,
                batch_size: int = 128,
                learning_rate: float = 1e-3,
@@ -457,6 +481,7 @@ def train_clip(*,
                grad_clip_norm: float = 1.0,
                max_logit_scale: float = MAX_LOGIT_SCALE,
                openai_init: bool = True,
+               vision_position_init_std: Optional[float] = None,
                seed: int = 0,
                data_seed: int = 0,
                checkpoint_every: int = 500,
@@ -479,15 +504,18 @@ def train_clip(*,
                          "never be trained on")
     if batch_size > train_examples:
         raise ValueError(f"train_clip.batch_size={batch_size} exceeds train_examples={train_examples}")
-    if hard_negatives and batch_size % 2:
-        raise ValueError(f"train_clip.batch_size={batch_size} must be even with hard_negatives (whole pairs)")
+    group = 1 + len(sibling_edits)
+    if group > 1 and (batch_size % 2 or train_examples % group):
+        raise ValueError(f"train_clip.batch_size={batch_size} must be even (pairs of a scene and a sibling) "
+                         f"and train_examples={train_examples} a multiple of {group} (a scene and its "
+                         f"{len(sibling_edits)} sibling(s), train_clip.sibling_edits)")
     cfg = config or tiny_config()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     say(f"rendering {train_examples} training examples of shapes stream {data_seed}"
-        + (" (half of them hard-negative siblings)" if hard_negatives else ""))
-    if hard_negatives:
-        images, captions = shapes_examples_with_siblings(data_seed, train_examples // 2, cfg.image_size,
-                                                         spatial_edit_prob)
+        + (f" ({train_examples // group} scenes, each with {group - 1} sibling(s))" if group > 1 else ""))
+    if group > 1:
+        images, captions = shapes_examples_with_siblings(data_seed, train_examples // group, cfg.image_size,
+                                                         tuple(sibling_edits))
     else:
         images, captions = shapes_examples(data_seed, 0, train_examples, cfg.image_size)
     tok = prepare_text_tokenizer(model_dir, captions, cfg.max_position_embeddings, text_tokenizer,
@@ -513,7 +541,7 @@ def train_clip(*,
         params = model.init(key, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),
                             jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)))["params"]
         if openai_init:
-            params = openai_scaled_init(params, cfg, jax.random.fold_in(key, 1))
+            params = openai_scaled_init(params, cfg, jax.random.fold_in(key, 1), vision_position_init_std)
         return CLIPTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract = jax.eval_shape(init)
@@ -528,35 +556,21 @@ def train_clip(*,
         say(f"resumed from step {start}")
 
     step_fn = jax.jit(make_train_step(model, tx, schedule, max_logit_scale), donate_argnums=(0,))
-    writer = metrics_lib.create_writer(model_dir)
-    progress = metrics_lib.Progress(train_steps, start)
-    clock = metrics_lib.Throughput(batch_size, 0.0, 0.0, 1)
-    step = start
-    try:
-        while step < train_steps:
-            idx, flip = batch_indices(data_seed, step, batch_size, len(images), mirror_prob, hard_negatives)
-            batch_images = images[idx]
-            batch_images[flip] = batch_images[flip, :, ::-1]
-            batch_ids = np.where(flip[:, None], ids_m[idx], ids[idx])
-            batch_mask = np.where(flip[:, None], mask_m[idx], mask[idx])
-            state, metrics = step_fn(state, batch_ids, batch_mask, batch_images)
-            step += 1
-            clock.tick()
-            if step % log_every == 0 or step == train_steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(row["loss"]):
-                    raise FloatingPointError(f"non-finite CLIP loss at step {step}; lower "
-                                             "train_clip.learning_rate")
-                speed = clock.measure()
-                row["examples_per_sec"] = speed["tokens_per_sec"]
-                row["step_time_sec"] = speed["step_time_sec"]
-                writer.write_scalars(step, row)
-                progress.report(step, row, not quiet)
-            if step % checkpoint_every == 0 or step == train_steps:
-                ckpt.save(step, state, {"examples_consumed": step * batch_size}, force=True)
-    finally:
-        ckpt.close()
-        writer.flush()
+
+    def make_batch(step):
+        # the first sibling block alone until first_sibling_only_until, then all of them
+        blocks = range(1, 2 if step < first_sibling_only_until * train_steps else group)
+        idx, flip = batch_indices(data_seed, step, batch_size, len(images), mirror_prob, group - 1, blocks)
+        batch_images = images[idx]
+        batch_images[flip] = batch_images[flip, :, ::-1]
+        return (np.where(flip[:, None], ids_m[idx], ids[idx]), np.where(flip[:, None], mask_m[idx], mask[idx]),
+                batch_images)
+
+    state, step = loop_lib.run_steps(
+        state=state, start_step=start, train_steps=train_steps, make_batch=make_batch, step_fn=step_fn,
+        ckpt=ckpt, writer=metrics_lib.create_writer(model_dir), examples_per_step=batch_size,
+        log_every=log_every, checkpoint_every=checkpoint_every, quiet=quiet, what="CLIP",
+        lr_binding="train_clip.learning_rate")
     say(f"evaluating: {eval_queries} held-out captions against a pool of {eval_pool} images")
     result = evaluate_retrieval(cfg, state.params, tok, eval_pool, eval_queries, eval_seed)
     result["train_steps"] = step

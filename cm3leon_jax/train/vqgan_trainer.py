@@ -28,6 +28,7 @@ from cm3leon_jax.data.images import from_model_range, to_model_range
 from cm3leon_jax.models import lpips as lpips_lib
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
 from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax.train import loop as loop_lib
 from cm3leon_jax.train import metrics as metrics_lib
 
 CONFIG_FILE = "vqgan_config.json"
@@ -291,29 +292,16 @@ def train_vqgan(*,
         perceptual=perceptual, perceptual_weight=perceptual_weight, edge_weight=edge_weight,
         ema_decay=ema_decay),
         donate_argnums=(0,))
-    writer = metrics_lib.create_writer(model_dir)
-    progress = metrics_lib.Progress(train_steps, start)
-    clock = metrics_lib.Throughput(batch_size, 0.0, 0.0, 1)
-    step = start
-    try:
-        while step < train_steps:
-            images = shapes_batch(data_seed, step * batch_size, batch_size, res)
-            state, metrics = step_fn(state, jnp.asarray(images), jax.random.fold_in(key, step + 7),
-                                     perceptual_params)
-            step += 1
-            clock.tick()
-            if step % log_every == 0 or step == train_steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(row["loss"]):
-                    raise FloatingPointError(f"non-finite VQ-GAN loss at step {step}; lower the learning rate")
-                row["images_per_sec"] = clock.measure()["tokens_per_sec"]
-                writer.write_scalars(step, row)
-                progress.report(step, row, not quiet)
-            if step % checkpoint_every == 0 or step == train_steps:
-                ckpt.save(step, state, {"examples_consumed": step * batch_size}, force=True)
-    finally:
-        ckpt.close()
-        writer.flush()
+
+    def make_batch(step):
+        images = shapes_batch(data_seed, step * batch_size, batch_size, res)
+        return jnp.asarray(images), jax.random.fold_in(key, step + 7), perceptual_params
+
+    state, step = loop_lib.run_steps(
+        state=state, start_step=start, train_steps=train_steps, make_batch=make_batch, step_fn=step_fn,
+        ckpt=ckpt, writer=metrics_lib.create_writer(model_dir), examples_per_step=batch_size,
+        log_every=log_every, checkpoint_every=checkpoint_every, quiet=quiet, what="VQ-GAN",
+        lr_binding="train_vqgan.learning_rate", speed_key="images_per_sec")
     result = evaluate_reconstructions(cfg, state.ema_params or state.params, eval_images, eval_seed)
     result["train_steps"] = step
     with open(os.path.join(model_dir, "eval.json"), "w") as f:

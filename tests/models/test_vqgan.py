@@ -98,3 +98,26 @@ def test_convert_rejects_pickles_and_mismatches(tmp_path, janus):
     from cm3leon_jax.models.vqgan_convert import convert_to_model_dir
     with pytest.raises(ValueError, match="does not match"):
         convert_to_model_dir(str(bad), str(tmp_path / "out"))
+
+
+def test_l2_normalized_codes_are_cosine_nearest_and_decode_unit_vectors():
+    cfg = small_config(base_channels=16, num_embeddings=32, embed_dim=4, l2_normalize_codes=True)
+    model = VQGAN(cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-1, maxval=1)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    # a codebook with norms far from 1: cosine and Euclidean nearest codes differ
+    book = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (32, 4))) * np.linspace(0.1, 5, 32)[:, None]
+    params = dict(params, codebook=jnp.asarray(book))
+    raw = np.asarray(model.apply({"params": params}, x, method=lambda m, im: m.quant_conv(m.encoder(im))))
+    raw = raw.reshape(-1, 4)
+    cosine = (raw / np.linalg.norm(raw, axis=-1, keepdims=True)) @ (book / np.linalg.norm(book, axis=-1,
+                                                                                         keepdims=True)).T
+    codes = np.asarray(model.apply({"params": params}, x, method=VQGAN.encode)).reshape(-1)
+    np.testing.assert_array_equal(codes, cosine.argmax(-1))
+    assert (codes != nearest_codes(jnp.asarray(raw), jnp.asarray(book))).any()  # the option matters
+    vecs = np.asarray(model.apply({"params": params}, codes.reshape(2, -1), method=VQGAN.code_vectors))
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=-1), 1.0, rtol=1e-5)
+    # training forward: the straight-through vectors are the unit code vectors too
+    recon, train_codes, aux = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(train_codes).reshape(-1), codes)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(aux["latents"]), axis=-1), 1.0, rtol=1e-5)

@@ -27,7 +27,7 @@ MICRO = dict(image_size=32, patch_size=16, text_hidden_size=32, text_intermediat
 
 def _train(model_dir, steps, **kw):
     args = dict(model_dir=str(model_dir), train_steps=steps, config=tiny_config(**MICRO), bpe_vocab_size=320,
-                train_examples=64, batch_size=16, learning_rate=3e-3, warmup_steps=2, checkpoint_every=5,
+                train_examples=60, batch_size=12, learning_rate=3e-3, warmup_steps=2, checkpoint_every=5,
                 log_every=5, eval_pool=24, eval_queries=8, quiet=True)
     args.update(kw)
     return ct.train_clip(**args)
@@ -73,22 +73,32 @@ def test_mirrored_caption_describes_the_mirrored_image():
     assert changed > 5
 
 
-def test_siblings_are_true_to_their_images_and_differ_from_their_scene():
-    pairs = 40
-    images, captions = ct.shapes_examples_with_siblings(4, pairs, 64)
-    originals, _ = ct.shapes_examples(4, 0, pairs, 64)
-    np.testing.assert_array_equal(images[:pairs], originals)
-    false_of_sibling, lone_moved = 0, 0
-    for i in range(pairs):
-        scene, sibling = captions[i], captions[pairs + i]
-        assert scene != sibling
-        assert shapes_check.score(images[pairs + i], sibling)["all_correct"], sibling
-        false_of_sibling += not shapes_check.score(images[pairs + i], scene)["all_correct"]
-        a, b = shapes.caption_facts(scene), shapes.caption_facts(sibling)
-        assert len(a.shapes) == len(b.shapes)
-        lone_moved += len(a.shapes) == 1 and a.shapes[0].position != b.shapes[0].position
-    assert false_of_sibling >= pairs - 1  # identical shapes can make an edit symmetric (rare)
-    assert lone_moved > 0
+def test_siblings_are_true_to_their_images_and_one_edit_away():
+    scenes = 40
+    images, captions = ct.shapes_examples_with_siblings(4, scenes, 64, ("spatial", "attribute"))
+    assert len(images) == len(captions) == 3 * scenes
+    originals, _ = ct.shapes_examples(4, 0, scenes, 64)
+    np.testing.assert_array_equal(images[:scenes], originals)
+    false_of_sibling, lone = 0, 0
+    for i in range(scenes):
+        scene = shapes.caption_facts(captions[i])
+        for k, group in ((1, "spatial"), (2, "attribute")):
+            j = i + k * scenes
+            assert captions[j] != captions[i]
+            assert shapes_check.score(images[j], captions[j])["all_correct"], captions[j]
+            false_of_sibling += not shapes_check.score(images[j], captions[i])["all_correct"]
+            sib = shapes.caption_facts(captions[j])
+            assert len(sib.shapes) == len(scene.shapes)
+            if len(scene.shapes) == 1:  # a lone shape: spatial moves it, attribute keeps its cell
+                lone += 1
+                moved = sib.shapes[0].position != scene.shapes[0].position
+                same = [getattr(sib.shapes[0], f) == getattr(scene.shapes[0], f) for f in ("kind", "color", "size")]
+                assert (moved and all(same)) if group == "spatial" else (not moved and not all(same))
+    assert false_of_sibling >= 2 * scenes - 2  # identical shapes can make an edit symmetric (rare)
+    assert lone > 0
+    with pytest.raises(ValueError, match="sibling edit group"):
+        ex = shapes.generate_example(4, 0)
+        ct.sibling_scene(ex.shapes, ex.relations, np.random.default_rng(0), "colour")
 
 
 def test_in_graph_pixels_match_preprocess_images():
@@ -104,10 +114,14 @@ def test_batches_are_a_function_of_the_step():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
     assert len(set(a[0].tolist())) == 16 and 0 < a[1].sum() < 16
-    idx, flip = ct.batch_indices(0, 7, 16, 64, 0.5, paired=True)  # 32 scenes, then their siblings
-    np.testing.assert_array_equal(idx[8:], idx[:8] + 32)
-    np.testing.assert_array_equal(flip[8:], flip[:8])
-    assert (idx[:8] < 32).all() and len(set(idx.tolist())) == 16
+    # 20 scenes, then two sibling blocks: pairs of a scene and one of its siblings
+    idx, flip = ct.batch_indices(0, 7, 12, 60, 0.5, num_sibling_blocks=2, blocks=(1,))
+    np.testing.assert_array_equal(idx[6:], idx[:6] + 20)
+    np.testing.assert_array_equal(flip[6:], flip[:6])
+    assert (idx[:6] < 20).all() and len(set(idx.tolist())) == 12
+    offsets = np.concatenate([np.diff(ct.batch_indices(0, s, 12, 60, 0.5, 2, (1, 2))[0].reshape(2, 6), axis=0)[0]
+                              for s in range(5)])
+    assert set(offsets.tolist()) == {20, 40}
 
 
 def test_retrieval_top1_on_a_known_answer():
@@ -132,7 +146,8 @@ def test_retrieval_top1_on_a_known_answer():
 def test_training_lowers_the_loss_and_writes_a_loadable_model_dir(tmp_path):
     # 16 pairs, every one in every batch: memorised within 60 steps (at
     # chance, ln 16 = 2.77, the loss of collapsed embeddings, it would stall)
-    result = _train(tmp_path, 60, train_examples=16, hard_negatives=False, mirror_prob=0.0, warmup_steps=5,
+    result = _train(tmp_path, 60, train_examples=16, batch_size=16, sibling_edits=(), mirror_prob=0.0,
+                    warmup_steps=5,
                     log_every=1, checkpoint_every=60, eval_pool=16, eval_queries=8)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
@@ -188,6 +203,8 @@ def test_bad_settings_name_the_binding(tmp_path):
         _train(tmp_path, 2, data_seed=12345)
     with pytest.raises(ValueError, match="eval_queries"):
         ct.evaluate_retrieval(tiny_config(), None, None, pool_size=10, num_queries=20, seed=1)
+    with pytest.raises(ValueError, match="sibling_edits"):
+        _train(tmp_path, 2, train_examples=64)  # not whole groups of a scene and 2 siblings
     with pytest.raises(ValueError, match="text_tokenizer"):
         _train(tmp_path, 2, text_tokenizer=str(tmp_path / "nope"))
 
@@ -211,8 +228,8 @@ def test_cli_help_is_fast_and_missing_model_dir_is_one_error(tmp_path):
 def test_cli_trains_with_the_shipped_gin_file(tmp_path):
     micro = [f"--gin.CLIPConfig.{k}={v!r}" for k, v in MICRO.items()]
     proc = run_cli(["clip", "train", "--gin_file=gin/clip_shapes.gin", f"--model_dir={tmp_path}",
-                    "--gin.train_clip.train_steps=4", "--gin.train_clip.train_examples=64",
-                    "--gin.train_clip.batch_size=8", "--gin.train_clip.log_every=2",
+                    "--gin.train_clip.train_steps=4", "--gin.train_clip.train_examples=60",
+                    "--gin.train_clip.batch_size=6", "--gin.train_clip.log_every=2",
                     "--gin.train_clip.eval_pool=16", "--gin.train_clip.eval_queries=4", *micro])
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["train_steps"] == 4 and report["eval_pool"] == 16 and report["eval_queries"] == 4
