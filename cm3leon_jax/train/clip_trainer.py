@@ -55,7 +55,6 @@ import optax
 from cm3leon_jax.models import clip_convert
 from cm3leon_jax.models.clip import (CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEXT_TOKENIZER_SUBDIR,
                                      CLIPConfig, CLIPTextTokenizer, l2_normalize, tiny_config)
-from cm3leon_jax.train import checkpoints as ckpt_lib
 from cm3leon_jax.train import loop as loop_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import optimizer as optimizer_lib
@@ -544,16 +543,7 @@ def train_clip(*,
             params = openai_scaled_init(params, cfg, jax.random.fold_in(key, 1), vision_position_init_std)
         return CLIPTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    abstract = jax.eval_shape(init)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints)
-    restored = ckpt.restore_latest_good(target)
-    if restored is None:
-        state, start = jax.jit(init)(), 0
-    else:
-        start, state, _ = restored
-        say(f"resumed from step {start}")
+    ckpt, state, start = loop_lib.restore_or_init(init, model_dir, checkpoint_every, keep_checkpoints, quiet)
 
     step_fn = jax.jit(make_train_step(model, tx, schedule, max_logit_scale), donate_argnums=(0,))
 

@@ -16,7 +16,27 @@ from typing import Any, Callable, Tuple
 import jax
 import numpy as np
 
+from cm3leon_jax.train import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
+
+
+def restore_or_init(init: Callable[[], Any], model_dir: str, checkpoint_every: int, keep_checkpoints: int,
+                    quiet: bool):
+    """(checkpointer, state, start step): the latest good checkpoint of
+    `model_dir` restored onto one device, else `jax.jit(init)()` at step 0.
+    A corrupt latest checkpoint is moved aside and the one before it used
+    (`Checkpointer.restore_latest_good`)."""
+    abstract = jax.eval_shape(init)
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints)
+    restored = ckpt.restore_latest_good(target)
+    if restored is None:
+        return ckpt, jax.jit(init)(), 0
+    start, state, _ = restored
+    if not quiet:
+        print(f"resumed from step {start}", flush=True)
+    return ckpt, state, start
 
 
 def run_steps(*, state: Any, start_step: int, train_steps: int, make_batch: Callable[[int], tuple],

@@ -273,17 +273,7 @@ def train_vqgan(*,
                             usage=jnp.zeros((cfg.num_embeddings,), jnp.int32),
                             ema_params=params if ema_decay > 0 else {})
 
-    abstract = jax.eval_shape(init)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints)
-    restored = ckpt.restore_latest_good(target)
-    if restored is None:
-        state, start = jax.jit(init)(), 0
-    else:
-        start, state, _ = restored
-        if not quiet:
-            print(f"resumed from step {start}", flush=True)
+    ckpt, state, start = loop_lib.restore_or_init(init, model_dir, checkpoint_every, keep_checkpoints, quiet)
 
     step_fn = jax.jit(make_vq_train_step(
         model, tx, disc, disc_tx, l1_weight=l1_weight, l2_weight=l2_weight,
