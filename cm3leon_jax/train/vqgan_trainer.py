@@ -124,11 +124,29 @@ def edge_weights(images, edge_weight: float):
     return (1.0 + edge_weight * mag)[..., None]
 
 
+def pyramid_l1(recon, images, factors=(2, 4, 8)):
+    """Multi-scale L1: sum over f in `factors` of the mean |avgpool_f(recon) -
+    avgpool_f(images)| (f x f mean pooling, stride f). A mean pixel loss
+    weighs a shape by its area, so a small shape's colour error is a small
+    share of it; after pooling, the misplaced edges of larger shapes largely
+    cancel and what remains is the colour of each region, small ones
+    included. Factors must divide the image side."""
+    b, h, w, c = images.shape
+    total = jnp.zeros((), recon.dtype)
+    for f in factors:
+        if h % f or w % f:
+            raise ValueError(f"train_vqgan.pyramid_factors: {f} does not divide the image side {h}x{w}")
+        pool = lambda x: x.reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
+        total = total + jnp.mean(jnp.abs(pool(recon) - pool(images)))
+    return total
+
+
 def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], disc_tx, *,
                        l1_weight: float, l2_weight: float, codebook_weight: float,
                        commitment_weight: float, gan_weight: float, gan_start_step: int,
                        restart_every: int, perceptual=None, perceptual_weight: float = 0.0,
-                       edge_weight: float = 0.0, ema_decay: float = 0.0) -> Callable:
+                       edge_weight: float = 0.0, ema_decay: float = 0.0, pyramid_weight: float = 0.0,
+                       pyramid_factors=(2, 4, 8)) -> Callable:
     """`step_fn(state, images, rng, perceptual_params=None)`. `perceptual`: None
     or the LPIPS module; its frozen params are an argument of the step (not
     closed over, which would bake ~60 MB of VGG16 into the program).
@@ -143,6 +161,8 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
         l2 = jnp.mean(w * jnp.square(recon - images))
         loss = (l1_weight * l1 + l2_weight * l2 + codebook_weight * aux["codebook_loss"]
                 + commitment_weight * aux["commitment_loss"])
+        pyr = pyramid_l1(recon, images, tuple(pyramid_factors)) if pyramid_weight else jnp.zeros(())
+        loss = loss + pyramid_weight * pyr
         p_loss = jnp.zeros(())
         if perceptual is not None:
             p_loss = lpips_lib.perceptual_loss(perceptual, perceptual_params, recon, images)
@@ -151,10 +171,10 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
         if disc is not None:
             g_loss = -jnp.mean(disc.apply({"params": disc_params}, recon))
             loss = loss + jnp.where(step >= gan_start_step, gan_weight, 0.0) * g_loss
-        return loss, (recon, codes, aux, l1, l2, p_loss, g_loss)
+        return loss, (recon, codes, aux, l1, l2, p_loss, g_loss, pyr)
 
     def step_fn(state: VQTrainState, images, rng, perceptual_params=None):
-        (loss, (recon, codes, aux, l1, l2, p_loss, g_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (recon, codes, aux, l1, l2, p_loss, g_loss, pyr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.disc_params, images, state.step, perceptual_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -195,7 +215,7 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
         window_used = jnp.mean((usage > 0).astype(jnp.float32))
         probs = usage / jnp.maximum(jnp.sum(usage), 1)
         perplexity = jnp.exp(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0)))
-        metrics = {"loss": loss, "l1": l1, "l2": l2, "codebook_loss": aux["codebook_loss"],
+        metrics = {"loss": loss, "l1": l1, "l2": l2, "pyramid_l1": pyr, "codebook_loss": aux["codebook_loss"],
                    "commitment_loss": aux["commitment_loss"], "perceptual_loss": p_loss,
                    "gan_g_loss": g_loss, "gan_d_loss": d_loss,
                    "codebook_usage": window_used, "codebook_perplexity": perplexity,
@@ -223,6 +243,8 @@ def train_vqgan(*,
                 l1_weight: float = 1.0,
                 l2_weight: float = 1.0,
                 edge_weight: float = 0.0,
+                pyramid_weight: float = 0.0,
+                pyramid_factors=(2, 4, 8),
                 codebook_weight: float = 1.0,
                 commitment_weight: Optional[float] = None,
                 restart_every: int = 100,
@@ -280,6 +302,7 @@ def train_vqgan(*,
         codebook_weight=codebook_weight, commitment_weight=commitment_weight,
         gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every,
         perceptual=perceptual, perceptual_weight=perceptual_weight, edge_weight=edge_weight,
+        pyramid_weight=pyramid_weight, pyramid_factors=tuple(pyramid_factors),
         ema_decay=ema_decay),
         donate_argnums=(0,))
 

@@ -238,3 +238,18 @@ def test_edge_weights_by_hand():
     flat = np.asarray(vt.edge_weights(jnp.zeros((2, 4, 4, 3)), 5.0))
     np.testing.assert_array_equal(flat, 1.0)  # no edges, no division by zero
     np.testing.assert_array_equal(np.asarray(vt.edge_weights(jnp.asarray(x), 0.0)), 1.0)
+
+
+def test_pyramid_l1_by_hand():
+    target = np.zeros((1, 4, 4, 3), np.float32)
+    recon = target.copy()
+    recon[0, :2, :2] = 1.0  # a wrong 2x2 patch: 1 of 4 cells at f=2, a quarter of the image at f=4
+    np.testing.assert_allclose(float(vt.pyramid_l1(jnp.asarray(recon), jnp.asarray(target), (2,))), 0.25)
+    np.testing.assert_allclose(float(vt.pyramid_l1(jnp.asarray(recon), jnp.asarray(target), (2, 4))), 0.5)
+    # an edge one pixel off inside a pooling window costs nothing after pooling
+    shifted_t, shifted_r = target.copy(), target.copy()
+    shifted_t[0, :, 0] = 1.0
+    shifted_r[0, :, 1] = 1.0
+    assert float(vt.pyramid_l1(jnp.asarray(shifted_r), jnp.asarray(shifted_t), (2,))) == 0.0
+    with pytest.raises(ValueError, match="pyramid_factors"):
+        vt.pyramid_l1(jnp.asarray(recon), jnp.asarray(target), (3,))
