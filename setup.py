@@ -22,6 +22,8 @@ install_requires = [
     "grain==0.2.18",
     "scann==1.4.2",
     "apache-beam==2.77.*",
+    "webdataset==1.0.2",
+    "msgpack",                # prepared-dataset records (data/prepare.py)
     "sentencepiece==0.2.1",
     "gin-config",
     "clu",

@@ -123,6 +123,44 @@ def _add_embed(sub):
     p.set_defaults(func=cmd_embed)
 
 
+def _add_prepare(sub):
+    p = sub.add_parser(
+        "prepare", help="raw image-text pairs -> a prepared dataset (ArrayRecord; Apache Beam)",
+        description="Turn a source of image-text pairs into a prepared dataset: per document the "
+                    "VQ-GAN image ids, the BPE text ids (truncated to --max_text_tokens), the caption, "
+                    "L2-normalised CLIP text and image embeddings and the source id, in ArrayRecord "
+                    "shards read by random access (grain). Runs as an Apache Beam pipeline "
+                    "(DirectRunner by default). Prints one JSON line: records written, skipped by "
+                    "reason, truncated captions, shards, resumed shards. Rerunning on the same --out "
+                    "continues and never duplicates; other settings on the same --out are refused.",
+        epilog="Example: cm3leon prepare --source=image_folder:/data/pairs --out=/data/prepared "
+               "--vqgan_dir=/m/vqgan --text_tokenizer=/m/bpe --clip_dir=/m/clip\n"
+               "Sources: shapes:N[:SEED], image_folder:PATH (images + captions.jsonl), "
+               "webdataset:GLOB (tar shards with .jpg/.png + .txt), tfds:NAME[@SPLIT][?data_dir=DIR] "
+               "(prepared locally; never downloaded).\n"
+               "Other runners: --runner=DataflowRunner --beam_arg=--project=P --beam_arg=--region=R ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="document source spec, e.g. image_folder:/data/pairs")
+    p.add_argument("--out", required=True, help="output directory of the prepared dataset")
+    p.add_argument("--vqgan_dir", required=True, help="VQ-GAN model dir (image tokenizer)")
+    p.add_argument("--text_tokenizer", required=True, help="the project's BPE dir (tokenizer.json)")
+    p.add_argument("--clip_dir", required=True, help="CLIP model dir (retrieval embeddings)")
+    p.add_argument("--max_text_tokens", type=int, default=128,
+                   help="captions are truncated to this many BPE ids (counted, not skipped)")
+    p.add_argument("--records_per_shard", type=int, default=1000,
+                   help="source documents per ArrayRecord shard (the unit of resumption)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side the source decodes to (default: the VQ-GAN's)")
+    p.add_argument("--batch_size", type=int, default=32, help="documents per jitted encode call")
+    p.add_argument("--keep_single_modality", action="store_true",
+                   help="keep documents with only a caption or only an image (default: skip them)")
+    p.add_argument("--runner", default="DirectRunner", help="Apache Beam runner")
+    p.add_argument("--beam_arg", action="append", default=[],
+                   help="one more Beam pipeline option, e.g. --beam_arg=--direct_num_workers=2 (repeatable)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+
 def _add_index(sub):
     p = sub.add_parser("index", help="build, query and use the MIPS index over a memory bank",
                        description="The retrieval index (ScaNN or exact) over a bank from `cm3leon embed`.")
@@ -192,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_tokenizer(sub)
     _add_convert(sub)
+    _add_prepare(sub)
     _add_embed(sub)
     _add_index(sub)
     _add_clip(sub)
@@ -312,6 +351,26 @@ def _input_error(e: BaseException) -> int:
 INDEX_BANK_REF = "source_bank.json"  # written into an index dir: where its captions are
 
 
+def cmd_prepare(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    try:
+        from cm3leon_jax.data import prepare
+
+        report = prepare.prepare(args.source, args.out, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
+                                 max_text_tokens=args.max_text_tokens, records_per_shard=args.records_per_shard,
+                                 resolution=args.resolution, batch_size=args.batch_size,
+                                 require_both=not args.keep_single_modality, runner=args.runner,
+                                 pipeline_args=args.beam_arg, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        return _input_error(e)
+    except KeyboardInterrupt:
+        print("interrupted: the shards written so far are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    print(json.dumps(report), flush=True)
+    return 0
+
+
 def cmd_embed(args, gin_bindings: List[str]) -> int:
     del gin_bindings
     try:
@@ -319,9 +378,16 @@ def cmd_embed(args, gin_bindings: List[str]) -> int:
         from cm3leon_jax.retrieval import embed
 
         source = sources.open_source(args.source, resolution=args.resolution)
-        result = embed.embed_source(source, args.clip_dir, args.out, batch_size=args.batch_size,
-                                    modality=args.modality, chunk_size=args.chunk_size,
-                                    text_tokenizer=args.text_tokenizer, progress=not args.no_progress)
+        result = None
+        if getattr(source, "kind", None) == "prepared":  # same CLIP: the stored embeddings, no model run
+            from cm3leon_jax.data import prepare
+
+            result = prepare.bank_from_prepared(source, args.clip_dir, args.out, modality=args.modality,
+                                                text_tokenizer=args.text_tokenizer)
+        if result is None:
+            result = embed.embed_source(source, args.clip_dir, args.out, batch_size=args.batch_size,
+                                        modality=args.modality, chunk_size=args.chunk_size,
+                                        text_tokenizer=args.text_tokenizer, progress=not args.no_progress)
     except (ValueError, OSError) as e:
         return _input_error(e)
     except KeyboardInterrupt:

@@ -17,8 +17,8 @@ documents after a corrupt file is fixed.
 
 `open_source(spec)` reads the spec syntax `cm3leon prepare --source=` takes:
 `shapes:N[:SEED]`, `image_folder:PATH`, `webdataset:GLOB`, `tfds:NAME` (the
-last two arrive with data preparation). The prepared dataset (ArrayRecord)
-will implement the same protocol.
+last two, and `prepared:DIR`, the prepared ArrayRecord dataset, which speaks
+the same protocol, live in `cm3leon_jax.data.prepare`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ import numpy as np
 from cm3leon_jax.data import images as images_lib
 
 CAPTIONS_FILE = "captions.jsonl"
-SPEC_KINDS = ("shapes", "image_folder", "webdataset", "tfds")
+SPEC_KINDS = ("shapes", "image_folder", "webdataset", "tfds", "prepared")
 SPEC_HELP = ("shapes:N (N procedurally generated shapes documents, optionally shapes:N:SEED), "
-             "image_folder:PATH (images + captions.jsonl), webdataset:GLOB, tfds:NAME")
+             "image_folder:PATH (images + captions.jsonl), webdataset:GLOB (tar shards), "
+             "tfds:NAME[@SPLIT][?data_dir=DIR] (a locally prepared TFDS dataset), "
+             "prepared:DIR (a `cm3leon prepare` output)")
 
 
 class SkippedDocument(ValueError):
@@ -177,8 +179,10 @@ def open_source(spec: str, resolution: Optional[int] = None):
         if not rest:
             raise ValueError(f"bad source spec {spec!r}: expected image_folder:PATH")
         return ImageFolderSource(rest, **extra)
-    if kind in ("webdataset", "tfds"):
-        raise ValueError(f"source {spec!r}: {kind} sources are not supported yet; they come with data "
-                         "preparation (`cm3leon prepare`, a later issue). Use shapes:N or "
-                         "image_folder:PATH")
+    if kind in ("webdataset", "tfds", "prepared"):  # implemented with data preparation
+        from cm3leon_jax.data import prepare
+
+        if kind == "prepared":
+            return prepare.open_prepared(rest)
+        return (prepare.open_webdataset if kind == "webdataset" else prepare.open_tfds)(rest, resolution)
     raise ValueError(f"unknown source kind {kind!r} in {spec!r}: expected one of {SPEC_HELP}")

@@ -42,8 +42,9 @@ def test_open_source_specs():
     ("shapes:0", "has no documents"),
     ("image_folder:", "expected image_folder:PATH"),
     ("image_folder:/no/such/dir", "'/no/such/dir' does not exist"),
-    ("webdataset:/data/*.tar", "not supported yet.*cm3leon prepare"),
-    ("tfds:coco_captions", "not supported yet"),
+    ("webdataset:/no/such/*.tar", "no tar shards match"),
+    ("tfds:", "expected tfds:NAME"),
+    ("prepared:/no/such/dir", "does not exist"),
 ])
 def test_bad_specs_name_themselves(spec, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,1137 @@
+"""Data preparation: raw image-text pairs -> a prepared dataset (ArrayRecord).
+
+    cm3leon prepare --source=image_folder:/data/pairs --out=/data/prepared \\
+        --vqgan_dir=/m/vqgan --text_tokenizer=/m/bpe --clip_dir=/m/clip
+
+Every document of a source (`cm3leon_jax.data.sources`: `shapes:N[:SEED]`,
+`image_folder:PATH`, `webdataset:GLOB`, `tfds:NAME[@SPLIT][?OPTIONS]`) becomes
+one record holding what training and retrieval need, so that neither ever
+decodes an image or runs a tokenizer again:
+
+    id               the source's document id (int64; stable, see sources.py)
+    index            the document's position in the source
+    caption          the caption as the source gave it (not truncated)
+    text_ids         int32 unified ids of the caption (the project's BPE),
+                     truncated to `max_text_tokens`
+    image_ids        int32 unified ids of the VQ-GAN codes (raster order)
+    text_embedding   float32 [D], L2-normalised CLIP text embedding
+    image_embedding  float32 [D], L2-normalised CLIP image embedding
+    (plus has_text / has_image, num_text_tokens before truncation,
+     text_truncated and content_hash, `embed.content_hash` of text + pixels)
+
+The unified vocabulary is sized by the two tokenizers: `image_codebook_size`
+= the VQ-GAN's codebook, `text_vocab_size` = the BPE's size, 64 specials of
+which 32 masks (the layout every gin config uses); `prepared.json` records it
+so a training config can be checked against it.
+
+Pipeline (Apache Beam; DirectRunner by default, `--runner=DataflowRunner` /
+Flink / Spark with `--beam_arg=...` for the rest of Beam's options). The
+driver opens the source once (to learn its size and fail early on a bad
+spec), loads the three models (to fail early on a bad dir and to fingerprint
+them), and cuts the source into fixed index ranges of `records_per_shard`
+documents. The pipeline is `Create(shards) | Reshuffle | Map(prepare_shard)`;
+a worker reopens the source from its spec string (and loads the models once
+per process), reads its range in batches of `batch_size`, counts skipped
+documents by reason (Beam metrics counters `cm3leon_prepare/skipped: REASON`,
+and in the shard's result), tokenises text (`caption truncated` is a note,
+not a skip), encodes images with the VQ-GAN and both modalities with CLIP
+(`retrieval.embed.ClipEncoder`, the bank's own encoder), and writes
+
+    shard-KKKKK-of-NNNNN.array_record   the records (group_size:1, so grain
+                                        reads them by random access)
+    shard-KKKKK-of-NNNNN.json           counts, ids, skips of that shard
+
+each to a temporary name first and renamed when complete; the JSON is
+written last and is the shard's commit mark. Workers need this package
+(e.g. `--beam_arg=--setup_file=./setup.py`) and the source, the model dirs
+and `--out` at the same paths (local here; a shared or GCS-fused file system
+on a cluster: the sources read local files only).
+
+Documents are skipped (and counted by reason) when the source raises
+`SkippedDocument` ("corrupt or truncated image", ...), and with
+`require_both=True` (the default: a CM3 training document needs both halves)
+when the caption is empty ("empty caption") or the image is missing ("no
+image"). With `require_both=False` single-modality documents are kept (the
+memory bank allows them); the missing half has no ids and a zero embedding.
+
+Resumption: `prepared.json` (the manifest) is written before any shard with
+the run's settings: source spec and size, records_per_shard, max_text_tokens,
+resolution, require_both, the vocabulary layout and the fingerprints of the
+VQ-GAN, the BPE and the CLIP (the model dirs may move; the models may not
+change). A rerun with the same settings skips every shard whose JSON is
+present, recomputes the others, so it never duplicates a record; a rerun with
+other settings on the same `--out` is refused, naming what differs. At the
+end the driver checks every shard, writes `ids.npy` (ids in record order)
+and completes the manifest (totals, skips by reason).
+
+Record format: one msgpack map per record (keys as above; arrays as raw
+little-endian bytes: `text_ids`/`image_ids` "<i4", embeddings "<f4"; "v" is
+the format version); `decode_record` reads one.
+
+Reading: `PreparedDataset(DIR)` is a random-access source over all shards
+(grain's `ArrayRecordDataSource`, so `grain.MapDataset.source(ds)` works),
+`ds[i]` a decoded record, `ds.by_id(doc_id)` the record of a document id (the
+retriever names neighbours by id). It also speaks the document-source
+protocol (`spec` = "prepared:DIR", `open_source("prepared:DIR")`): "text" is
+the caption and, with `decode_images=True` (what `open_source` gives),
+"image" is the VQ-GAN reconstruction of the stored codes. `cm3leon embed
+--source=prepared:DIR` with the CLIP the dataset was prepared with writes the
+bank from the stored embeddings (`bank_from_prepared`, no model runs, the
+original images' keys); with another CLIP it embeds the reconstructions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import threading
+import urllib.parse
+import uuid
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cm3leon_jax.data import images as images_lib
+from cm3leon_jax.data import sources as sources_lib
+from cm3leon_jax.data.sources import SkippedDocument
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "prepared.json"
+IDS_FILE = "ids.npy"
+SHARD_STEM = "shard-{:05d}-of-{:05d}"
+RECORD_SUFFIX = ".array_record"
+TMP_PREFIX = ".tmp-"
+PREPARED_KIND = "prepared"
+NUM_SPECIAL_TOKENS = 64
+NUM_MASK_TOKENS = 32
+METRICS_NAMESPACE = "cm3leon_prepare"
+SKIP_EMPTY_CAPTION = "empty caption"
+SKIP_NO_IMAGE = "no image"
+SKIP_EMPTY_DOCUMENT = "empty document"
+MAX_SKIP_EXAMPLES = 10
+
+
+# =========================================================================== sources
+
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+WDS_TEXT_EXT = "txt"
+
+
+def _expand_shards(pattern: str) -> List[str]:
+    """Tar files of a webdataset spec: a directory (its *.tar), a glob, and
+    webdataset's brace notation (`shard-{00000..00099}.tar`), sorted."""
+    if os.path.isdir(pattern):
+        return sorted(glob.glob(os.path.join(pattern, "*.tar")))
+    import braceexpand  # webdataset's own dependency, for its shard notation
+
+    files = set()
+    for p in braceexpand.braceexpand(pattern):
+        files.update(f for f in glob.glob(p) if os.path.isfile(f))
+    return sorted(files)
+
+
+class WebDatasetSource:
+    """img2dataset-style webdataset tar shards: a sample is the run of tar
+    members sharing a key (webdataset's `__key__`, split off the name by
+    `webdataset.tariterators.base_plus_ext`, suffixes lower-cased, `__meta__`
+    files ignored, exactly as `webdataset.WebDataset` groups them), with an
+    image (.jpg/.jpeg/.png/.webp) and/or a caption (.txt, UTF-8).
+
+    Random access: the tars are indexed at open time by reading their
+    headers only (Python's tarfile seeks over the members' data), keeping
+    each member's data offset; `source[i]` then reads two members by offset.
+    Tars must be uncompressed (what img2dataset writes). The id of a sample
+    is its number in (sorted tar path, order within the tar); samples with
+    neither an image nor a caption, and unreadable tars (or the unreadable
+    tail of a truncated one), are counted in `.skipped` by reason."""
+
+    def __init__(self, pattern: str, resolution: int = 256):
+        from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+        if not pattern:
+            raise ValueError("bad source spec 'webdataset:': expected webdataset:GLOB (tar shards)")
+        self.pattern, self.resolution = pattern, int(resolution)
+        self.spec = f"webdataset:{pattern}"
+        self.files = _expand_shards(pattern)
+        if not self.files:
+            raise ValueError(f"webdataset source {pattern!r}: no tar shards match (give a directory of "
+                             "*.tar files, a glob such as /data/*.tar, or shard-{00000..00009}.tar)")
+        self.skipped: Dict[str, int] = {}
+        # per sample: (id, tar number, key, image member or None, text member or None);
+        # a member is (extension, data offset, size)
+        self._samples: List[tuple] = []
+        self._handles: Dict[int, object] = {}
+        self._lock = threading.Lock()
+        number = 0
+        for t, path in enumerate(self.files):
+            current, members = None, {}
+            try:
+                tar = tarfile.open(path, mode="r:")
+            except (tarfile.TarError, OSError) as e:
+                self._skip("unreadable tar shard")
+                print(f"warning: {path}: not a readable uncompressed tar ({type(e).__name__}: {e}); skipped",
+                      file=sys.stderr)
+                continue
+            groups = []
+            try:
+                with tar:
+                    for info in tar:
+                        name = info.name
+                        if not info.isreg() or not name:
+                            continue
+                        base = os.path.basename(name)
+                        if base.startswith(meta_prefix) and base.endswith(meta_suffix):
+                            continue
+                        key, ext = base_plus_ext(name)
+                        if key is None:
+                            continue
+                        ext = ext.lower()
+                        if key != current:
+                            if current is not None:
+                                groups.append((current, members))
+                            current, members = key, {}
+                        members.setdefault(ext, (info.offset_data, info.size))
+            except (tarfile.TarError, OSError) as e:
+                self._skip("unreadable tail of a tar shard")
+                print(f"warning: {path}: unreadable after {len(groups)} samples ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+                current = None  # the sample being read when it failed may be incomplete
+            if current is not None:
+                groups.append((current, members))
+            for key, members in groups:
+                image = next(((e, *members[e]) for e in WDS_IMAGE_EXTS if e in members), None)
+                text = (WDS_TEXT_EXT, *members[WDS_TEXT_EXT]) if WDS_TEXT_EXT in members else None
+                if image is None and text is None:
+                    self._skip("sample without image or caption")
+                else:
+                    self._samples.append((number, t, key, image, text))
+                number += 1
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def keys(self) -> List[str]:
+        """`__key__` of every document, in index order."""
+        return [s[2] for s in self._samples]
+
+    def _read(self, t: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            f = self._handles.get(t)
+            if f is None:
+                f = self._handles[t] = open(self.files[t], "rb")
+            f.seek(offset)
+            return f.read(size)
+
+    def __getitem__(self, index: int) -> dict:
+        index = sources_lib._check_index(index, len(self._samples))
+        number, t, key, image_m, text_m = self._samples[index]
+        where = f"{self.files[t]}:{key}"
+        text = image = None
+        if text_m is not None:
+            try:
+                text = self._read(t, text_m[1], text_m[2]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise SkippedDocument(index, "caption is not UTF-8 text", where) from None
+            text = text if text.strip() else None
+        if image_m is not None:
+            try:
+                image = images_lib.load_image(self._read(t, image_m[1], image_m[2]), self.resolution,
+                                              name=f"{where}.{image_m[0]}")
+            except images_lib.BadImageError as e:
+                raise SkippedDocument(index, e.reason, str(e)) from None
+        return {"id": np.int64(number), "text": text, "image": image}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+TFDS_CAPTION_FEATURES = ("caption", "captions/text", "text", "captions")
+TFDS_BLOCK = 256
+
+
+def _parse_tfds_spec(rest: str) -> dict:
+    """`NAME[@SPLIT][?data_dir=DIR&image=FEATURE&caption=FEATURE]`; NAME is
+    TFDS's own (`coco_captions/2017:1.1.0`)."""
+    body, _, query = rest.partition("?")
+    name, _, split = body.partition("@")
+    if not name:
+        raise ValueError(f"bad source spec 'tfds:{rest}': expected tfds:NAME[@SPLIT][?data_dir=DIR&"
+                         "image=FEATURE&caption=FEATURE]")
+    opts = {k: v[-1] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(opts) - {"data_dir", "image", "caption"})
+    if unknown:
+        raise ValueError(f"bad source spec 'tfds:{rest}': unknown option(s) {unknown} (known: data_dir, "
+                         "image, caption)")
+    return {"name": name, "split": split or "train", "data_dir": opts.get("data_dir") or None,
+            "image_feature": opts.get("image") or "image", "caption_feature": opts.get("caption") or None}
+
+
+def _get_path(example: dict, path: str):
+    value = example
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _feature_paths(features, prefix: str = "") -> List[str]:
+    out = []
+    for k, v in (features.items() if hasattr(features, "items") else []):
+        path = f"{prefix}{k}"
+        out.append(path)
+        inner = getattr(v, "feature", v)  # Sequence(FeaturesDict) -> its dict
+        if hasattr(inner, "items"):
+            out.extend(_feature_paths(inner, path + "/"))
+    return out
+
+
+class TfdsSource:
+    """A TFDS image-caption dataset already prepared on this machine (never
+    downloaded: a missing dataset is an error naming where it was looked
+    for). The document id is the example's position in the split; "image"
+    is the image feature, "caption" the first of `caption`, `captions/text`,
+    `text`, `captions` present (or `?caption=PATH`), the first string of a
+    sequence of captions. Random access through `as_data_source` when the
+    dataset is stored as ArrayRecord, otherwise by blocks of 256 examples
+    read with split slicing (`train[a:b]`) and cached, so a shard's
+    sequential reads cost one slice read per block."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
+                 image_feature: str = "image", caption_feature: Optional[str] = None, resolution: int = 256,
+                 spec: Optional[str] = None):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.resolution = int(resolution)
+        self.spec = spec or f"tfds:{name}@{split}"
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and friends, named
+            raise ValueError(f"TFDS dataset {name!r} not found ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]})") from None
+        if not builder.is_prepared():
+            raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} (looked for {builder.data_dir}); "
+                             "`cm3leon prepare` never downloads: build it there first (`tfds build "
+                             f"{name} --data_dir=DIR`) and pass tfds:{name}?data_dir=DIR")
+        self.builder = builder
+        splits = builder.info.splits
+        if split not in splits:
+            raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (it has {sorted(splits)})")
+        paths = _feature_paths(builder.info.features)
+        if image_feature not in paths:
+            raise ValueError(f"TFDS dataset {name!r} has no image feature {image_feature!r} (features: "
+                             f"{paths}); pass tfds:{name}?image=FEATURE")
+        if caption_feature is None:
+            caption_feature = next((c for c in TFDS_CAPTION_FEATURES if c in paths), None)
+            if caption_feature is None:
+                raise ValueError(f"TFDS dataset {name!r} has none of the caption features "
+                                 f"{list(TFDS_CAPTION_FEATURES)} (features: {paths}); pass "
+                                 f"tfds:{name}?caption=FEATURE")
+        elif caption_feature not in paths:
+            raise ValueError(f"TFDS dataset {name!r} has no caption feature {caption_feature!r} "
+                             f"(features: {paths})")
+        self.image_feature, self.caption_feature = image_feature, caption_feature
+        self.num = int(splits[split].num_examples)
+        self.skipped: Dict[str, int] = {}
+        self._random = None
+        try:
+            self._random = builder.as_data_source(split=split)
+        except Exception:  # noqa: BLE001 - stored as tfrecord: block reads instead
+            self._random = None
+        self._block: Tuple[int, list] = (-1, [])
+
+    def __len__(self) -> int:
+        return self.num
+
+    def _example(self, index: int) -> dict:
+        if self._random is not None:
+            return self._random[index]
+        start = index - index % TFDS_BLOCK
+        if self._block[0] != start:
+            import tensorflow_datasets as tfds
+
+            stop = min(start + TFDS_BLOCK, self.num)
+            ds = self.builder.as_dataset(split=f"{self.split}[{start}:{stop}]", shuffle_files=False)
+            self._block = (start, list(tfds.as_numpy(ds)))
+        return self._block[1][index - start]
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        index = sources_lib._check_index(index, self.num)
+        ex = self._example(index)
+        text = _get_path(ex, self.caption_feature)
+        if isinstance(text, (list, tuple, np.ndarray)) and not isinstance(text, (str, bytes)):
+            text = next((t for t in list(np.asarray(text, dtype=object).reshape(-1))), None)
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SkippedDocument(index, "caption is not UTF-8 text") from None
+        text = text if isinstance(text, str) and text.strip() else None
+        pixels = _get_path(ex, self.image_feature)
+        image = None
+        if pixels is not None:
+            a = np.asarray(pixels)
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[..., 0]
+            try:
+                img = Image.fromarray(a)
+            except (TypeError, ValueError) as e:
+                raise SkippedDocument(index, "corrupt or truncated image", str(e)) from None
+            if min(img.size) < images_lib.MIN_SIDE:
+                raise SkippedDocument(index, "too small", f"{img.size[0]}x{img.size[1]}")
+            image = np.asarray(images_lib.resize_center_crop(images_lib._to_rgb(img), self.resolution),
+                               np.uint8)
+        return {"id": np.int64(index), "text": text, "image": image}
+
+
+def open_webdataset(rest: str, resolution: Optional[int] = None) -> WebDatasetSource:
+    return WebDatasetSource(rest, **({} if resolution is None else {"resolution": int(resolution)}))
+
+
+def open_tfds(rest: str, resolution: Optional[int] = None) -> TfdsSource:
+    opts = _parse_tfds_spec(rest)
+    return TfdsSource(**opts, spec=f"tfds:{rest}", **({} if resolution is None else {"resolution": int(resolution)}))
+
+
+def open_prepared(rest: str) -> "PreparedDataset":
+    if not rest:
+        raise ValueError("bad source spec 'prepared:': expected prepared:DIR (a `cm3leon prepare` output)")
+    return PreparedDataset(rest, decode_images=True)
+
+
+def canonical_spec(spec: str) -> str:
+    """The spec with local paths made absolute, so workers and reruns from
+    another directory name the same files."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("image_folder", "webdataset", PREPARED_KIND) and rest and "://" not in rest:
+        return f"{kind}:{os.path.abspath(rest)}"
+    return spec
+
+
+# =========================================================================== records
+
+
+def encode_record(rec: dict) -> bytes:
+    """One record (see the module docstring) -> msgpack bytes."""
+    import msgpack
+
+    def raw(a, dtype):
+        return np.ascontiguousarray(a, dtype=dtype).tobytes()
+
+    return msgpack.packb({
+        "v": FORMAT_VERSION,
+        "id": int(rec["id"]),
+        "index": int(rec["index"]),
+        "caption": rec["caption"],
+        "text_ids": raw(rec["text_ids"], "<i4"),
+        "image_ids": raw(rec["image_ids"], "<i4"),
+        "text_embedding": raw(rec["text_embedding"], "<f4"),
+        "image_embedding": raw(rec["image_embedding"], "<f4"),
+        "has_text": bool(rec["has_text"]),
+        "has_image": bool(rec["has_image"]),
+        "num_text_tokens": int(rec["num_text_tokens"]),
+        "text_truncated": bool(rec["text_truncated"]),
+        "content_hash": int(rec["content_hash"]),
+    }, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict:
+    """msgpack bytes of `encode_record` -> the record with NumPy arrays
+    (int32 ids, float32 embeddings, int64 id, uint64 content hash)."""
+    import msgpack
+
+    m = msgpack.unpackb(data, raw=False)
+    if m.get("v") != FORMAT_VERSION:
+        raise ValueError(f"prepared record of format version {m.get('v')!r}; this code reads {FORMAT_VERSION}")
+    return {
+        "id": np.int64(m["id"]),
+        "index": int(m["index"]),
+        "caption": m["caption"],
+        "text_ids": np.frombuffer(m["text_ids"], "<i4").astype(np.int32),
+        "image_ids": np.frombuffer(m["image_ids"], "<i4").astype(np.int32),
+        "text_embedding": np.frombuffer(m["text_embedding"], "<f4").astype(np.float32),
+        "image_embedding": np.frombuffer(m["image_embedding"], "<f4").astype(np.float32),
+        "has_text": bool(m["has_text"]),
+        "has_image": bool(m["has_image"]),
+        "num_text_tokens": int(m["num_text_tokens"]),
+        "text_truncated": bool(m["text_truncated"]),
+        "content_hash": np.uint64(m["content_hash"]),
+    }
+
+
+# =========================================================================== models
+
+
+@dataclasses.dataclass
+class Models:
+    """The three models of a preparation, loaded once per process."""
+    image_tokenizer: object   # models.image_tokenizer.ImageTokenizer
+    text_tokenizer: object    # data.tokenizers.TextTokenizer (unified ids)
+    clip: object              # retrieval.embed.ClipEncoder
+    vocabulary: object        # vocab.UnifiedVocabulary
+    identities: Dict[str, str]
+    fingerprints: Dict[str, str]
+
+
+_MODELS: Dict[tuple, Models] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def check_model_dirs(vqgan_dir: str, text_tokenizer: str, clip_dir: str) -> None:
+    """Cheap existence checks (before anything heavy is imported), each
+    naming the flag and the fix."""
+    if not vqgan_dir or not os.path.isdir(vqgan_dir):
+        raise ValueError(f"--vqgan_dir {vqgan_dir!r} does not exist: give a VQ-GAN model dir (`cm3leon "
+                         "tokenizer train-image` or `cm3leon convert vqgan` output)")
+    if not os.path.isfile(os.path.join(vqgan_dir, "vqgan_config.json")):
+        raise ValueError(f"--vqgan_dir {vqgan_dir!r} has no vqgan_config.json: not a VQ-GAN model dir")
+    tok_file = os.path.join(text_tokenizer, "tokenizer.json") if text_tokenizer and os.path.isdir(
+        text_tokenizer) else text_tokenizer
+    if not tok_file or not os.path.isfile(tok_file):
+        raise ValueError(f"--text_tokenizer {text_tokenizer!r} does not exist or has no tokenizer.json (train "
+                         "one with `cm3leon tokenizer train-text`)")
+    if not clip_dir or not os.path.isdir(clip_dir):
+        raise ValueError(f"--clip_dir {clip_dir!r} does not exist: give a CLIP model dir (`cm3leon convert "
+                         "clip` or `cm3leon clip train` output)")
+
+
+def load_models(vqgan_dir: str, text_tokenizer: str, clip_dir: str, batch_size: int = 32) -> Models:
+    """The VQ-GAN, the BPE and the CLIP, with their fingerprints; cached per
+    process (a Beam worker loads them once for all its shards)."""
+    key = (os.path.abspath(vqgan_dir), os.path.abspath(text_tokenizer), os.path.abspath(clip_dir), int(batch_size))
+    with _MODELS_LOCK:
+        if key in _MODELS:
+            return _MODELS[key]
+        check_model_dirs(vqgan_dir, text_tokenizer, clip_dir)
+        from tokenizers import Tokenizer
+
+        from cm3leon_jax import vocab as vocab_lib
+        from cm3leon_jax.data import tokenizers as tok_lib
+        from cm3leon_jax.models.image_tokenizer import ImageTokenizer
+        from cm3leon_jax.retrieval import embed
+        from cm3leon_jax.train.vqgan_trainer import load_vqgan
+
+        vq_cfg, vq_params = load_vqgan(vqgan_dir)
+        image_tok = ImageTokenizer(vq_cfg, vq_params, batch_size=batch_size)
+        vq_fp = embed.model_fingerprint(vq_cfg, vq_params, [])
+        tok_file = tok_lib._tokenizer_file(text_tokenizer)
+        bpe_size = Tokenizer.from_file(tok_file).get_vocab_size(with_added_tokens=True)
+        vocabulary = vocab_lib.UnifiedVocabulary(num_special_tokens=NUM_SPECIAL_TOKENS,
+                                                 num_mask_tokens=NUM_MASK_TOKENS,
+                                                 image_codebook_size=vq_cfg.num_embeddings,
+                                                 text_vocab_size=bpe_size)
+        text_tok = tok_lib.TextTokenizer(tok_file, vocabulary)
+        clip = embed.ClipEncoder(clip_dir, batch_size=batch_size)
+        models = Models(
+            image_tokenizer=image_tok, text_tokenizer=text_tok, clip=clip, vocabulary=vocabulary,
+            identities={"image_tokenizer": f"vqgan:{os.path.abspath(vqgan_dir)}#{vq_fp}",
+                        "text_tokenizer": f"bpe:{os.path.abspath(tok_file)}#{text_tok.sha256[:16]}",
+                        "clip": clip.identity},
+            fingerprints={"image_tokenizer": vq_fp, "text_tokenizer": text_tok.sha256[:16],
+                          "clip": clip.fingerprint})
+        _MODELS[key] = models
+        return models
+
+
+_SOURCES: Dict[tuple, object] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def _open_source_cached(spec: str, resolution: int):
+    with _SOURCES_LOCK:
+        key = (spec, int(resolution))
+        if key not in _SOURCES:
+            _SOURCES[key] = sources_lib.open_source(spec, resolution=resolution)
+        return _SOURCES[key]
+
+
+# =========================================================================== one shard
+
+
+def shard_stem(k: int, num: int) -> str:
+    return SHARD_STEM.format(k, num)
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# Documents done per shard of the runs in this process, keyed by out dir, for
+# the progress bar (a DirectRunner runs the shards in this process; other
+# runners are followed by the shards' JSON files alone).
+_PROGRESS: Dict[str, Dict[int, int]] = {}
+
+
+def _to_side(image: np.ndarray, side: int) -> np.ndarray:
+    if image.shape[0] == side and image.shape[1] == side:
+        return image
+    from PIL import Image
+
+    return np.asarray(images_lib.resize_center_crop(Image.fromarray(image), side), np.uint8)
+
+
+def prepare_shard(cfg: dict, shard: dict) -> dict:
+    """Prepares source range [shard.start, shard.stop) into the shard's
+    ArrayRecord file and JSON (see the module docstring); returns the JSON's
+    content (counts by reason, ids)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from cm3leon_jax.retrieval import embed
+
+    models = load_models(cfg["vqgan_dir"], cfg["text_tokenizer"], cfg["clip_dir"], cfg["batch_size"])
+    source = _open_source_cached(cfg["source"], cfg["resolution"])
+    out_dir, k, num = cfg["out_dir"], int(shard["shard"]), int(shard["num_shards"])
+    stem = shard_stem(k, num)
+    final = os.path.join(out_dir, stem + RECORD_SUFFIX)
+    tmp = os.path.join(out_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{stem}{RECORD_SUFFIX}")
+    vq, text_tok, clip, vocab = models.image_tokenizer, models.text_tokenizer, models.clip, models.vocabulary
+    max_tokens, require_both, bs = int(cfg["max_text_tokens"]), bool(cfg["require_both"]), int(cfg["batch_size"])
+    skipped: Dict[str, int] = {}
+    examples: List[list] = []
+    ids: List[int] = []
+    truncated = with_text = with_image = 0
+    progress = _PROGRESS.setdefault(out_dir, {})
+    progress[k] = 0
+
+    def skip(i, reason, detail=""):
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append([int(i), reason, detail[:300]])
+
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for c0 in range(shard["start"], shard["stop"], bs):
+            c1 = min(c0 + bs, shard["stop"])
+            docs = []
+            for i in range(c0, c1):
+                try:
+                    doc = source[i]
+                except SkippedDocument as e:
+                    skip(i, e.reason, str(e))
+                    continue
+                text, image = doc.get("text"), doc.get("image")
+                text = text if isinstance(text, str) and text.strip() else None
+                if text is None and image is None:
+                    skip(i, SKIP_EMPTY_DOCUMENT)
+                    continue
+                if require_both and text is None:
+                    skip(i, SKIP_EMPTY_CAPTION)
+                    continue
+                if require_both and image is None:
+                    skip(i, SKIP_NO_IMAGE)
+                    continue
+                docs.append((i, int(doc["id"]), text, image))
+            texts = [d[2] for d in docs if d[2] is not None]
+            imgs = [d[3] for d in docs if d[3] is not None]
+            dim = clip.dim
+            text_emb = clip.encode_texts(texts) if texts else np.zeros((0, dim), np.float32)
+            image_emb = clip.encode_images(imgs) if imgs else np.zeros((0, dim), np.float32)
+            text_ids = text_tok.encode_batch(texts) if texts else []
+            if imgs:
+                codes = vq.encode(np.stack([_to_side(im, vq.resolution) for im in imgs]))
+                image_ids = vocab.image_code_to_id(codes.astype(np.int64)).astype(np.int32)
+            else:
+                image_ids = np.zeros((0, vq.codes_per_image), np.int32)
+            ti = ii = 0
+            for i, doc_id, text, image in docs:
+                rec = {"id": doc_id, "index": i, "caption": text, "has_text": text is not None,
+                       "has_image": image is not None, "content_hash": embed.content_hash(text, image)}
+                if text is not None:
+                    t = text_ids[ti]
+                    rec.update(text_ids=t[:max_tokens], text_embedding=text_emb[ti], num_text_tokens=len(t),
+                               text_truncated=len(t) > max_tokens)
+                    truncated += len(t) > max_tokens
+                    with_text += 1
+                    ti += 1
+                else:
+                    rec.update(text_ids=np.zeros(0, np.int32), text_embedding=np.zeros(dim, np.float32),
+                               num_text_tokens=0, text_truncated=False)
+                if image is not None:
+                    rec.update(image_ids=image_ids[ii], image_embedding=image_emb[ii])
+                    with_image += 1
+                    ii += 1
+                else:
+                    rec.update(image_ids=np.zeros(0, np.int32), image_embedding=np.zeros(dim, np.float32))
+                writer.write(encode_record(rec))
+                ids.append(doc_id)
+            progress[k] = c1 - shard["start"]
+        writer.close()
+        writer = None
+        os.replace(tmp, final)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    result = {"shard": k, "num_shards": num, "file": stem + RECORD_SUFFIX, "start": shard["start"],
+              "stop": shard["stop"], "count": len(ids), "ids": ids, "skipped": dict(sorted(skipped.items())),
+              "skipped_examples": examples, "truncated": int(truncated), "with_text": with_text,
+              "with_image": with_image, "settings_fingerprint": cfg["settings_fingerprint"]}
+    _atomic_json(os.path.join(out_dir, stem + ".json"), result)
+    try:  # Beam metrics: visible in the runner's UI / result.metrics()
+        from apache_beam.metrics import Metrics
+
+        Metrics.counter(METRICS_NAMESPACE, "written").inc(len(ids))
+        Metrics.counter(METRICS_NAMESPACE, "truncated").inc(int(truncated))
+        for reason, n in skipped.items():
+            Metrics.counter(METRICS_NAMESPACE, f"skipped: {reason}").inc(n)
+    except ImportError:  # prepare_shard called outside Beam, without Beam installed
+        pass
+    return result
+
+
+def _beam_prepare_shard(shard: dict, cfg: dict) -> dict:
+    """The pipeline's Map: the shard's summary (without the id list)."""
+    out = prepare_shard(cfg, shard)
+    return {k: v for k, v in out.items() if k != "ids"}
+
+
+# =========================================================================== the driver
+
+
+def _read_shard_json(path: str, fingerprint: str) -> Optional[dict]:
+    """The JSON of a finished shard, or None when absent, unreadable or from
+    other settings."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(d, dict) or d.get("settings_fingerprint") != fingerprint:
+        return None
+    return d
+
+
+def _shard_done(out_dir: str, shard: dict, fingerprint: str) -> Optional[dict]:
+    stem = shard_stem(shard["shard"], shard["num_shards"])
+    if not os.path.isfile(os.path.join(out_dir, stem + RECORD_SUFFIX)):
+        return None
+    return _read_shard_json(os.path.join(out_dir, stem + ".json"), fingerprint)
+
+
+def _vq_resolution(vqgan_dir: str) -> int:
+    path = os.path.join(vqgan_dir, "vqgan_config.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["resolution"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is unreadable or has no resolution ({type(e).__name__}: {e})") from None
+
+
+def _settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_manifest(out_dir: str, settings: dict) -> Optional[dict]:
+    """The manifest present (None if none), refused when of other settings."""
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}): delete {out_dir} and prepare again") from None
+    theirs = old.get("settings") if isinstance(old, dict) else None
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{path} is not a prepared-dataset manifest: use another --out")
+    diff = [k for k in sorted(set(theirs) | set(settings)) if theirs.get(k) != settings.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} there vs {settings.get(k)!r} now" for k in diff)
+        raise ValueError(f"output dir {out_dir!r} holds a dataset prepared with other settings ({detail}): "
+                         "use another --out, or delete it to start over")
+    return old
+
+
+class _ProgressBar(threading.Thread):
+    """A tqdm bar over documents, fed by finished shards' JSON files and (for
+    runs in this process) the workers' per-shard counters."""
+
+    def __init__(self, out_dir: str, shards: List[dict], initial: int, total: int, enabled: bool):
+        super().__init__(daemon=True)
+        from tqdm import tqdm
+
+        self.out_dir, self.shards = out_dir, shards
+        self.initial = initial
+        self.stop_event = threading.Event()
+        self.bar = tqdm(total=total, initial=initial, unit="doc", desc="prepare", file=sys.stderr,
+                        disable=not enabled, dynamic_ncols=True)
+
+    def update(self):
+        done = self.initial
+        partial = _PROGRESS.get(self.out_dir, {})
+        for s in self.shards:
+            stem = shard_stem(s["shard"], s["num_shards"])
+            if os.path.exists(os.path.join(self.out_dir, stem + ".json")):
+                done += s["stop"] - s["start"]
+            else:
+                done += partial.get(s["shard"], 0)
+        self.bar.n = min(done, self.bar.total)
+        self.bar.refresh()
+
+    def run(self):
+        while not self.stop_event.wait(0.5):
+            self.update()
+
+    def close(self):
+        self.stop_event.set()
+        self.join(timeout=5)
+        self.update()
+        self.bar.close()
+
+
+def _run_pipeline(cfg: dict, shards: List[dict], runner: str, pipeline_args: Sequence[str]) -> None:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions([f"--runner={runner}", *pipeline_args])
+    with beam.Pipeline(options=options) as p:
+        _ = (p
+             | "Shards" >> beam.Create(shards)
+             | "Spread" >> beam.Reshuffle()
+             | "PrepareShard" >> beam.Map(_beam_prepare_shard, cfg))
+
+
+def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip_dir: str, *,
+            max_text_tokens: int = 128, records_per_shard: int = 1000, resolution: Optional[int] = None,
+            batch_size: int = 32, require_both: bool = True, runner: str = "DirectRunner",
+            pipeline_args: Sequence[str] = (), progress: bool = True) -> dict:
+    """Prepares every document of the source spec `source` into `out_dir`
+    (see the module docstring) and returns the report:
+    {"written": records in the dataset, "new_records": written by this run,
+     "skipped": {reason: count}, "truncated": captions truncated,
+     "shards": N, "resumed_shards": shards found done, "out": out_dir}.
+
+    Raises ValueError for a bad spec, a missing model dir, bad sizes, or an
+    out dir prepared with other settings."""
+    for name, value in (("max_text_tokens", max_text_tokens), ("records_per_shard", records_per_shard),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+    if resolution is not None and (not isinstance(resolution, (int, np.integer)) or resolution < images_lib.MIN_SIDE):
+        raise ValueError(f"--resolution must be an integer >= {images_lib.MIN_SIDE}, got {resolution!r}")
+    if not isinstance(source, str) or ":" not in source:
+        sources_lib.open_source(source)  # raises the standard "unknown source spec" error
+    if source.startswith(PREPARED_KIND + ":"):
+        raise ValueError(f"source {source!r} is already a prepared dataset")
+    check_model_dirs(vqgan_dir, text_tokenizer, clip_dir)
+    spec = canonical_spec(source)
+    kind = spec.partition(":")[0]
+    if kind not in sources_lib.SPEC_KINDS:
+        sources_lib.open_source(spec)  # the standard "unknown source kind" error
+    side = int(resolution) if resolution is not None else _vq_resolution(vqgan_dir)
+    # The source before the models: a bad spec fails before anything heavy loads.
+    src = sources_lib.open_source(spec, resolution=side)  # fresh: the files may have changed since
+    n = len(src)
+    if n == 0:
+        raise ValueError(f"source {spec!r} has no documents"
+                         + (f" (skipped: {json.dumps(src.skipped, sort_keys=True)})"
+                            if getattr(src, "skipped", None) else ""))
+    models = load_models(vqgan_dir, text_tokenizer, clip_dir, batch_size)
+    with _SOURCES_LOCK:
+        _SOURCES[(spec, side)] = src  # what workers in this process read
+    num_shards = -(-n // int(records_per_shard))
+    settings = {
+        "format_version": FORMAT_VERSION, "source": spec, "source_size": n,
+        "records_per_shard": int(records_per_shard), "num_shards": num_shards,
+        "max_text_tokens": int(max_text_tokens), "resolution": side, "require_both": bool(require_both),
+        "vocabulary": dataclasses.asdict(models.vocabulary), **models.fingerprints,
+    }
+    fingerprint = _settings_fingerprint(settings)
+    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    old = _check_manifest(out_dir, settings)
+    for name in os.listdir(out_dir):
+        if name.startswith(TMP_PREFIX):  # a write cut short: never renamed, never counted
+            os.remove(os.path.join(out_dir, name))
+    shards = [{"shard": k, "num_shards": num_shards, "start": k * int(records_per_shard),
+               "stop": min(n, (k + 1) * int(records_per_shard))} for k in range(num_shards)]
+    models_info = {"vqgan_dir": os.path.abspath(vqgan_dir), "text_tokenizer": os.path.abspath(text_tokenizer),
+                   "clip_dir": os.path.abspath(clip_dir), **{f"{k}_identity": v for k, v in models.identities.items()}}
+    manifest = {"format_version": FORMAT_VERSION, "complete": False, "settings": settings,
+                "settings_fingerprint": fingerprint, "models": models_info,
+                "record_format": "msgpack map per record (cm3leon_jax.data.prepare.decode_record)",
+                "embedding_dim": models.clip.dim, "codes_per_image": models.image_tokenizer.codes_per_image,
+                "shards": [dict(s, file=shard_stem(s["shard"], num_shards) + RECORD_SUFFIX) for s in shards]}
+    if old is None or not old.get("complete"):
+        _atomic_json(os.path.join(out_dir, MANIFEST_FILE), manifest if old is None else dict(old, models=models_info))
+    done = {s["shard"]: d for s in shards if (d := _shard_done(out_dir, s, fingerprint)) is not None}
+    todo = [s for s in shards if s["shard"] not in done]
+    cfg = {"source": spec, "resolution": side, "out_dir": out_dir, "vqgan_dir": os.path.abspath(vqgan_dir),
+           "text_tokenizer": os.path.abspath(text_tokenizer), "clip_dir": os.path.abspath(clip_dir),
+           "max_text_tokens": int(max_text_tokens), "require_both": bool(require_both),
+           "batch_size": int(batch_size), "settings_fingerprint": fingerprint}
+    if todo:
+        initial = sum(s["stop"] - s["start"] for s in shards if s["shard"] in done)
+        bar = _ProgressBar(out_dir, todo, initial, n, progress)
+        bar.start()
+        try:
+            _run_pipeline(cfg, todo, runner, pipeline_args)
+        finally:
+            bar.close()
+            _PROGRESS.pop(out_dir, None)
+    # A rerun of a finished dataset checks it and writes nothing.
+    write = bool(todo) or old is None or not old.get("complete")
+    return _finalise(out_dir, src, shards, manifest, fingerprint, resumed=set(done), write=write)
+
+
+def _finalise(out_dir: str, src, shards: List[dict], manifest: dict, fingerprint: str, resumed: set,
+              write: bool = True) -> dict:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    skipped: Dict[str, int] = dict(getattr(src, "skipped", {}) or {})
+    examples: List[list] = []
+    ids: List[int] = []
+    totals = {"truncated": 0, "with_text": 0, "with_image": 0}
+    counts = []
+    for s in shards:
+        d = _shard_done(out_dir, s, fingerprint)
+        if d is None:
+            raise ValueError(f"shard {s['shard']} of {out_dir!r} was not written (the pipeline failed?): rerun "
+                             "the same command to continue")
+        path = os.path.join(out_dir, d["file"])
+        reader = ArrayRecordReader(path)
+        try:
+            on_disk = reader.num_records()
+        finally:
+            reader.close()
+        if on_disk != d["count"] or len(d["ids"]) != d["count"]:
+            raise ValueError(f"{path} holds {on_disk} records but its JSON says {d['count']}: delete both "
+                             "files and rerun the same command")
+        counts.append(d["count"])
+        ids.extend(d["ids"])
+        for reason, c in d["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + c
+        examples.extend(d["skipped_examples"][:max(0, MAX_SKIP_EXAMPLES - len(examples))])
+        for k in totals:
+            totals[k] += d[k]
+    total = int(sum(counts))
+    if total == 0:
+        raise ValueError(f"no document of source {manifest['settings']['source']!r} could be prepared (skipped: "
+                         f"{json.dumps(skipped, sort_keys=True)}, e.g. {examples[:3]})")
+    ids_arr = np.array(ids, np.int64)
+    uniq, cnt = np.unique(ids_arr, return_counts=True)
+    if uniq.shape[0] != total:
+        raise ValueError(f"source {manifest['settings']['source']!r} gives duplicated document ids, e.g. "
+                         f"{uniq[cnt > 1][:5].tolist()}: each document needs a distinct id")
+    for s, c in zip(manifest["shards"], counts):
+        s["count"] = c
+    manifest = dict(manifest, complete=True, count=total, skipped=dict(sorted(skipped.items())),
+                    skipped_examples=examples, ids=IDS_FILE, **totals)
+    if write or not os.path.isfile(os.path.join(out_dir, IDS_FILE)):
+        tmp = os.path.join(out_dir, f"{TMP_PREFIX}{IDS_FILE}")
+        with open(tmp, "wb") as f:
+            np.save(f, ids_arr)
+        os.replace(tmp, os.path.join(out_dir, IDS_FILE))
+        _atomic_json(os.path.join(out_dir, MANIFEST_FILE), manifest)
+    new = sum(c for s, c in zip(shards, counts) if s["shard"] not in resumed)
+    return {"written": total, "new_records": int(new), "skipped": manifest["skipped"],
+            "truncated": totals["truncated"], "shards": len(shards), "resumed_shards": len(resumed),
+            "out": out_dir}
+
+
+# =========================================================================== the reader
+
+
+class PreparedDataset:
+    """Random access over a `cm3leon prepare` output (see the module
+    docstring): `len(ds)`, `ds[i]` (position in record order), `ds.by_id(id)`,
+    `ds.ids` (int64, record order), `ds.manifest`, `ds.vocabulary`.
+
+    A record is a dict: id (np.int64), index, caption, text (= caption),
+    text_ids, image_ids (int32 unified ids), text_embedding,
+    image_embedding (float32, L2-normalised; zeros for a missing half),
+    has_text, has_image, num_text_tokens, text_truncated, content_hash, and
+    with `decode_images=True` "image", the VQ-GAN reconstruction (uint8)
+    decoded with the model dir the manifest names."""
+
+    kind = PREPARED_KIND
+
+    def __init__(self, path: str, decode_images: bool = False):
+        self.path = os.path.abspath(path)
+        self.spec = f"{PREPARED_KIND}:{self.path}"
+        self.decode_images = bool(decode_images)
+        man_path = os.path.join(path, MANIFEST_FILE)
+        if not os.path.isdir(path):
+            raise ValueError(f"prepared dataset {path!r} does not exist: make one with `cm3leon prepare "
+                             "--source=... --out=DIR ...`")
+        if not os.path.isfile(man_path):
+            raise ValueError(f"{path!r} has no {MANIFEST_FILE}: not a prepared dataset")
+        try:
+            with open(man_path) as f:
+                man = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt manifest {man_path!r} ({e}): prepare again") from None
+        if not isinstance(man, dict) or man.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{man_path!r}: format version {man.get('format_version') if isinstance(man, dict) else None!r}, "
+                             f"this code reads {FORMAT_VERSION}: prepare again")
+        if not man.get("complete"):
+            raise ValueError(f"prepared dataset {path!r} is unfinished: rerun the same `cm3leon prepare` to "
+                             "complete it")
+        self.manifest = man
+        self.skipped = dict(man.get("skipped", {}))
+        files = [os.path.join(self.path, s["file"]) for s in man["shards"] if s.get("count")]
+        from grain.sources import ArrayRecordDataSource
+
+        self.records = ArrayRecordDataSource(files)
+        if len(self.records) != man["count"]:
+            raise ValueError(f"prepared dataset {path!r}: {len(self.records)} records on disk, the manifest says "
+                             f"{man['count']}: rerun `cm3leon prepare`")
+        self.ids = np.load(os.path.join(self.path, man.get("ids", IDS_FILE)), allow_pickle=False)
+        if self.ids.shape != (man["count"],):
+            raise ValueError(f"prepared dataset {path!r}: {IDS_FILE} has shape {self.ids.shape}, expected "
+                             f"({man['count']},): rerun `cm3leon prepare`")
+        self._sorted = None
+        self._decoder = None
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def vocabulary(self):
+        from cm3leon_jax import vocab as vocab_lib
+
+        return vocab_lib.UnifiedVocabulary(**self.manifest["settings"]["vocabulary"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    @property
+    def clip_identity(self) -> str:
+        return self.manifest["models"]["clip_identity"]
+
+    def _decode(self, raw: bytes) -> dict:
+        rec = decode_record(raw)
+        rec["text"] = rec["caption"]
+        if self.decode_images and rec["has_image"]:
+            rec["image"] = self.reconstruct(rec["image_ids"])
+        return rec
+
+    def __getitem__(self, index) -> dict:
+        index = sources_lib._check_index(index, len(self))
+        return self._decode(self.records[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> List[dict]:
+        idx = [sources_lib._check_index(i, len(self)) for i in indices]
+        return [self._decode(r) for r in self.records.__getitems__(idx)]
+
+    def positions(self, doc_ids) -> np.ndarray:
+        """Record positions of document ids (-1 where absent)."""
+        if self._sorted is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._sorted = (self.ids[order], order)
+        sorted_ids, order = self._sorted
+        q = np.asarray(doc_ids, np.int64)
+        if not len(self):
+            return np.full(q.shape, -1, np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, q), 0, len(self) - 1)
+        return np.where(sorted_ids[pos] == q, order[pos], -1)
+
+    def by_id(self, doc_id: int) -> dict:
+        pos = int(self.positions(np.int64(doc_id)))
+        if pos < 0:
+            raise KeyError(f"document id {doc_id} is not in prepared dataset {self.path!r}")
+        return self[pos]
+
+    def image_codes(self, image_ids) -> np.ndarray:
+        """Unified image ids -> VQ codebook indices."""
+        return self.vocabulary.id_to_image_code(np.asarray(image_ids)).astype(np.int32)
+
+    def reconstruct(self, image_ids) -> np.ndarray:
+        """The uint8 image the VQ-GAN decodes from unified image ids."""
+        if self._decoder is None:
+            from cm3leon_jax.models.image_tokenizer import ImageTokenizer
+
+            self._decoder = ImageTokenizer.from_model_dir(self.manifest["models"]["vqgan_dir"], batch_size=1)
+        return self._decoder.decode(self.image_codes(image_ids))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decoder"] = None
+        return state
+
+
+def load_prepared(path: str, decode_images: bool = False) -> PreparedDataset:
+    return PreparedDataset(path, decode_images=decode_images)
+
+
+# =========================================================================== bank from stored keys
+
+
+def bank_from_prepared(ds: PreparedDataset, clip_dir: str, out_dir: str, modality: str = "both",
+                       text_tokenizer: Optional[str] = None) -> Optional[dict]:
+    """The memory bank (`retrieval.embed` layout) of a prepared dataset from
+    its stored embeddings, when `clip_dir` holds the CLIP it was prepared with
+    (same fingerprint); None otherwise (the caller embeds the documents). A
+    document's key is `embed.document_keys` of the stored embeddings, as
+    `embed_source` computes it."""
+    from cm3leon_jax.retrieval import embed
+
+    if modality not in embed.MODALITIES:
+        raise ValueError(f"modality must be one of {list(embed.MODALITIES)}, got {modality!r}")
+    encoder = embed.ClipEncoder(clip_dir, batch_size=1, text_tokenizer=text_tokenizer)
+    if not embed.same_model(encoder.identity, ds.clip_identity):
+        return None
+    n, d = len(ds), ds.embedding_dim
+    text_emb, image_emb = np.zeros((n, d), np.float32), np.zeros((n, d), np.float32)
+    has_t, has_i = np.zeros(n, bool), np.zeros(n, bool)
+    hashes, captions, ids = np.zeros(n, np.uint64), [], np.zeros(n, np.int64)
+    decode = ds.decode_images
+    ds.decode_images = False
+    try:
+        for r in range(n):
+            rec = ds[r]
+            ids[r], hashes[r] = rec["id"], rec["content_hash"]
+            has_t[r], has_i[r] = rec["has_text"], rec["has_image"]
+            text_emb[r], image_emb[r] = rec["text_embedding"], rec["image_embedding"]
+            captions.append(rec["caption"])
+    finally:
+        ds.decode_images = decode
+    use_t = has_t & (modality != "image")
+    use_i = has_i & (modality != "text")
+    keep = use_t | use_i
+    skipped = dict(ds.skipped)
+    if (~keep).any():
+        skipped[f"no {modality} (modality={modality})"] = int((~keep).sum())
+    if not keep.any():
+        raise ValueError(f"prepared dataset {ds.path!r} has no document with {modality}")
+    keys = embed.document_keys(text_emb[keep], image_emb[keep], use_t[keep], use_i[keep])
+    mods = np.stack([has_t, has_i], axis=1)[keep]
+    existing = os.path.join(out_dir, embed.BANK_FILE)
+    if os.path.exists(existing):
+        with open(existing) as f:
+            old = json.load(f)
+        if old.get("source") != ds.spec or not embed.same_model(str(old.get("embedding_model")), encoder.identity) \
+                or old.get("modality") != modality:
+            raise ValueError(f"output dir {out_dir!r} holds another bank (source {old.get('source')!r}, modality "
+                             f"{old.get('modality')!r}): use another --out, or delete it")
+    manifest = embed.write_bank(
+        out_dir, keys, ids[keep], encoder.identity, modalities=mods,
+        captions=[c for c, k in zip(captions, keep) if k], content_hashes=hashes[keep],
+        clip_dir=encoder.clip_dir, modality=modality, source=ds.spec, source_size=n,
+        with_text=int(mods[:, 0].sum()), with_image=int(mods[:, 1].sum()), multimodal=int(mods.all(axis=1).sum()),
+        skipped=dict(sorted(skipped.items())), from_prepared=True)
+    return dict(manifest, complete=True, resumed_chunks=0)
