@@ -348,32 +348,44 @@ def _input_error(e: BaseException) -> int:
     return 2
 
 
-INDEX_BANK_REF = "source_bank.json"  # written into an index dir: where its captions are
-
-
-def cmd_prepare(args, gin_bindings: List[str]) -> int:
-    del gin_bindings
+def _run_resumable(job, what: str) -> int:
+    """Runs `job()` (a resumable job writing `what`: "shards", "chunks") and
+    prints its JSON report: exit 0; a bad input is one line on stderr, exit
+    2; Ctrl-C keeps what was written and says how to continue, exit 130."""
     try:
-        from cm3leon_jax.data import prepare
-
-        report = prepare.prepare(args.source, args.out, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
-                                 max_text_tokens=args.max_text_tokens, records_per_shard=args.records_per_shard,
-                                 resolution=args.resolution, batch_size=args.batch_size,
-                                 require_both=not args.keep_single_modality, runner=args.runner,
-                                 pipeline_args=args.beam_arg, progress=not args.no_progress)
+        report = job()
     except (ValueError, OSError) as e:
         return _input_error(e)
     except KeyboardInterrupt:
-        print("interrupted: the shards written so far are kept; rerun the same command to continue",
+        print(f"interrupted: the {what} written so far are kept; rerun the same command to continue",
               file=sys.stderr)
         return 130
     print(json.dumps(report), flush=True)
     return 0
 
 
+INDEX_BANK_REF = "source_bank.json"  # written into an index dir: where its captions are
+
+
+def cmd_prepare(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+
+    def job():
+        from cm3leon_jax.data import prepare
+
+        return prepare.prepare(args.source, args.out, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
+                               max_text_tokens=args.max_text_tokens, records_per_shard=args.records_per_shard,
+                               resolution=args.resolution, batch_size=args.batch_size,
+                               require_both=not args.keep_single_modality, runner=args.runner,
+                               pipeline_args=args.beam_arg, progress=not args.no_progress)
+
+    return _run_resumable(job, "shards")
+
+
 def cmd_embed(args, gin_bindings: List[str]) -> int:
     del gin_bindings
-    try:
+
+    def job():
         from cm3leon_jax.data import sources
         from cm3leon_jax.retrieval import embed
 
@@ -388,16 +400,10 @@ def cmd_embed(args, gin_bindings: List[str]) -> int:
             result = embed.embed_source(source, args.clip_dir, args.out, batch_size=args.batch_size,
                                         modality=args.modality, chunk_size=args.chunk_size,
                                         text_tokenizer=args.text_tokenizer, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
-        return _input_error(e)
-    except KeyboardInterrupt:
-        print("interrupted: the chunks written so far are kept; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
-    print(json.dumps({k: result.get(k) for k in ("count", "dim", "embedding_model", "source", "modality",
-                                                 "skipped", "resumed_chunks")} | {"out": args.out}),
-          flush=True)
-    return 0
+        return {k: result.get(k) for k in ("count", "dim", "embedding_model", "source", "modality",
+                                           "skipped", "resumed_chunks")} | {"out": args.out}
+
+    return _run_resumable(job, "chunks")
 
 
 def cmd_index_build(args, gin_bindings: List[str]) -> int:

@@ -74,6 +74,9 @@ def create_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
         from jax.experimental import mesh_utils
         device_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
+        # mesh_utils knows the physical topology of TPU/GPU slices only: for
+        # CPU devices, or a shape it cannot map onto the slice, it refuses,
+        # and device order is as good as any (no interconnect to respect).
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
 

@@ -17,8 +17,9 @@ documents after a corrupt file is fixed.
 
 `open_source(spec)` reads the spec syntax `cm3leon prepare --source=` takes:
 `shapes:N[:SEED]`, `image_folder:PATH`, `webdataset:GLOB`, `tfds:NAME` (the
-last two, and `prepared:DIR`, the prepared ArrayRecord dataset, which speaks
-the same protocol, live in `cm3leon_jax.data.prepare`).
+last two live in `cm3leon_jax.data.corpus_sources`), and `prepared:DIR`, the
+prepared ArrayRecord dataset (`cm3leon_jax.data.prepare`), which speaks the
+same protocol.
 """
 from __future__ import annotations
 
@@ -180,9 +181,11 @@ def open_source(spec: str, resolution: Optional[int] = None):
             raise ValueError(f"bad source spec {spec!r}: expected image_folder:PATH")
         return ImageFolderSource(rest, **extra)
     if kind in ("webdataset", "tfds", "prepared"):  # implemented with data preparation
-        from cm3leon_jax.data import prepare
-
         if kind == "prepared":
+            from cm3leon_jax.data import prepare
+
             return prepare.open_prepared(rest)
-        return (prepare.open_webdataset if kind == "webdataset" else prepare.open_tfds)(rest, resolution)
+        from cm3leon_jax.data import corpus_sources
+
+        return (corpus_sources.open_webdataset if kind == "webdataset" else corpus_sources.open_tfds)(rest, resolution)
     raise ValueError(f"unknown source kind {kind!r} in {spec!r}: expected one of {SPEC_HELP}")
