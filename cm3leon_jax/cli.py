@@ -161,6 +161,32 @@ def _add_prepare(sub):
     p.set_defaults(func=cmd_prepare)
 
 
+def _add_task_data(sub):
+    p = sub.add_parser(
+        "task-data", help="raw pairs -> the data dir a CM3 SeqIO task trains on (prepare + bank + index)",
+        description="Build the data dir of a retrieval-augmented CM3 task in one command: `prepare` "
+                    "(DIR/prepared), `embed --source=prepared:` (DIR/bank, from the stored CLIP "
+                    "embeddings), `index build` (DIR/index) and `index neighbours --k=K` "
+                    "(DIR/bank/neighbours). Each stage is skipped when its output is complete, so an "
+                    "interrupted run continues. Point the built-in tasks at DIR: shapes_cm3[_retrieval] "
+                    "read $CM3LEON_SHAPES_DATA (gin shapes_data_dir.path), corpus_cm3[_retrieval] read "
+                    "$CM3LEON_CORPUS_DATA (gin corpus_data_dir.path); or register your own with "
+                    "cm3leon_jax.data.tasks.register_cm3_task(name, DIR/prepared, DIR/bank).",
+        epilog="Example: cm3leon task-data --source=shapes:20000 --out=demo_out/data "
+               "--vqgan_dir=/m/vqgan --text_tokenizer=/m/bpe --clip_dir=/m/clip",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="document source spec (as for `cm3leon prepare`)")
+    p.add_argument("--out", required=True, help="the task data dir")
+    p.add_argument("--vqgan_dir", required=True, help="VQ-GAN model dir (image tokenizer)")
+    p.add_argument("--text_tokenizer", required=True, help="the project's BPE dir (tokenizer.json)")
+    p.add_argument("--clip_dir", required=True, help="CLIP model dir (retrieval embeddings)")
+    p.add_argument("--k", type=int, default=16, help="candidates per document in the neighbour table")
+    p.add_argument("--max_text_tokens", type=int, default=128, help="captions are truncated to this many BPE ids")
+    p.add_argument("--records_per_shard", type=int, default=1000, help="documents per prepared shard")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_task_data)
+
+
 def _add_index(sub):
     p = sub.add_parser("index", help="build, query and use the MIPS index over a memory bank",
                        description="The retrieval index (ScaNN or exact) over a bank from `cm3leon embed`.")
@@ -232,13 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_prepare(sub)
     _add_embed(sub)
+    _add_task_data(sub)
     _add_index(sub)
     _add_clip(sub)
     return parser
 
 
+TRAIN_DATA_MODULES = ("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug", "cm3leon_jax.data.tasks")
+
+
 def cmd_train(args, gin_bindings: List[str]) -> int:
-    gin_utils.parse_from_args(args, gin_bindings)
+    gin_utils.parse_from_args(args, gin_bindings, extra_modules=TRAIN_DATA_MODULES)
     import gin
 
     from cm3leon_jax.data import pipeline
@@ -380,6 +410,21 @@ def cmd_prepare(args, gin_bindings: List[str]) -> int:
                                pipeline_args=args.beam_arg, progress=not args.no_progress)
 
     return _run_resumable(job, "shards")
+
+
+def cmd_task_data(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+
+    def job():
+        from cm3leon_jax.data import tasks
+
+        if args.k < 1:
+            raise ValueError(f"--k must be >= 1, got {args.k}")
+        return tasks.build_task_data(args.source, args.out, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
+                                     k=args.k, max_text_tokens=args.max_text_tokens,
+                                     records_per_shard=args.records_per_shard, progress=not args.no_progress)
+
+    return _run_resumable(job, "stages")
 
 
 def cmd_embed(args, gin_bindings: List[str]) -> int:

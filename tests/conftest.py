@@ -8,10 +8,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A smaller-than-tiny decoder so CLI tests take seconds; everything else is
-# gin/cm3leon_tiny.gin as users run it.
+# A smaller-than-tiny decoder so CLI tests take seconds, on the data-free
+# smoke-test task; everything else is gin/cm3leon_tiny.gin as users run it.
 SMALL = [
     "--gin_file=gin/cm3leon_tiny.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='synthetic_lm'",
     "--gin.DecoderConfig.num_layers=2",
     "--gin.DecoderConfig.d_model=64",
     "--gin.DecoderConfig.num_heads=4",

@@ -309,3 +309,27 @@ def cm3_inverse(transformed: np.ndarray,
         pos = at + 1
     pieces += [head[pos:], eos]
     return np.concatenate(pieces).astype(x.dtype)
+
+
+def apply_per_document(sequence: np.ndarray, objective, rng: np.random.Generator,
+                       eos_id: int = vocab_lib.EOS_ID) -> np.ndarray:
+    """`objective(document, rng)` on every `<eos>`-terminated document of a
+    sequence (`retrieved_1 <eos> ... query <eos>`), in order; the `<eos>`s
+    stay where they close each document. A trailing piece without `<eos>`
+    (a truncated sequence) is transformed as a document too. Documents never
+    hold `<eos>`, so the split is exact; an empty document (two `<eos>` in a
+    row) is kept as it is."""
+    seq = np.asarray(sequence)
+    if seq.ndim != 1:
+        raise ValueError(f"CM3: expected a 1-D sequence, got shape {seq.shape}")
+    ends = np.flatnonzero(seq == eos_id)
+    pieces, start = [], 0
+    for end in list(ends) + [len(seq)]:
+        doc = seq[start:end]
+        if doc.size:
+            doc = np.asarray(objective(doc, rng), seq.dtype)
+        pieces.append(doc)
+        if end < len(seq):
+            pieces.append(seq[end:end + 1])
+        start = end + 1
+    return np.concatenate(pieces).astype(seq.dtype) if pieces else seq.copy()

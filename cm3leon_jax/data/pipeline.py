@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 # Modules whose import registers SeqIO tasks; the data issues add theirs here.
-TASK_MODULES = ("cm3leon_jax.data.synthetic",)
+TASK_MODULES = ("cm3leon_jax.data.synthetic", "cm3leon_jax.data.tasks")
 
 
 def import_task_modules(extra: tuple = ()):
@@ -32,6 +32,26 @@ def check_task_name(name: str):
         raise ValueError(
             f"unknown SeqIO task or mixture {name!r} (MIXTURE_OR_TASK_NAME); registered: "
             f"{', '.join(sorted(known)) or 'none'}")
+
+
+def check_vocabulary(name: str, model_vocab_size: int):
+    """The model must have an id for every id the task's "targets" can hold
+    (each task of a mixture); a ValueError naming both sizes otherwise."""
+    import seqio
+
+    import_task_modules()
+    provider = seqio.get_mixture_or_task(name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    for task in tasks:
+        feature = task.output_features.get("targets")
+        if feature is None:
+            raise ValueError(f"SeqIO task {task.name!r} has no 'targets' feature (a decoder-only model needs one)")
+        size = feature.vocabulary.vocab_size
+        if size > model_vocab_size:
+            raise ValueError(
+                f"SeqIO task {task.name!r} holds ids up to {size - 1} but DecoderConfig.vocab_size is "
+                f"{model_vocab_size}: bind UnifiedVocabulary sizes matching the data (the prepared "
+                "dataset's manifest lists them) or use a bigger model vocabulary")
 
 
 class TrainIterator:

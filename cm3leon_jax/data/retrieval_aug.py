@@ -32,7 +32,7 @@ Choices where the paper is silent (assumptions):
   hold the query (e.g. built with approximate search, or a foreign table)
   never retrieves it.
 - Query dropout. The neighbour table is precomputed without dropout. When a
-  `query_embedder` (tokens -> unit vector) and `candidate_keys` (ids ->
+  `query_embedder` ((kept tokens, query document) -> vector) and `candidate_keys` (ids ->
   [n, D] stored document keys, e.g. `BankKeys(bank_dir)`) are both given,
   each training retrieval set re-embeds the query after `query_dropout`
   (rate `query_dropout_rate`, 0.2) of its tokens and re-scores the table's
@@ -147,7 +147,8 @@ class RetrievalAugmenter:
       image_first_prob: probability that a document is laid out image first.
       objective: optional per-document transform `(tokens, rng) -> tokens`
         (a `CM3Objective`), applied to retrieved and query documents alike.
-      query_embedder: optional `tokens -> unit vector` for query dropout.
+      query_embedder: optional `(kept tokens, query document) -> vector` for
+        query dropout (`retrieval.query_dropout.ClipQueryEmbedder`).
       candidate_keys: optional `ids -> [n, D]` stored keys (`BankKeys`).
       query_dropout_rate: fraction of query tokens dropped (0.2).
       on_missing_neighbour: "skip" (count and re-run the strategy) or "raise".
@@ -157,7 +158,7 @@ class RetrievalAugmenter:
                  diversity_threshold: float = strategy.DIVERSITY_THRESHOLD,
                  prefer_multimodal: bool = True, image_first_prob: float = 0.5,
                  objective: Optional[Callable[[np.ndarray, np.random.Generator], np.ndarray]] = None,
-                 query_embedder: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 query_embedder: Optional[Callable[[np.ndarray, dict], np.ndarray]] = None,
                  candidate_keys: Optional[Callable[[Sequence[int]], np.ndarray]] = None,
                  query_dropout_rate: float = strategy.QUERY_DROPOUT,
                  on_missing_neighbour: str = "skip"):
@@ -217,20 +218,27 @@ class RetrievalAugmenter:
             docs.append(cache[c.doc_id])
         return docs
 
-    def _rescore(self, query: dict, cands: list, rng: np.random.Generator) -> list:
-        if self.query_embedder is None or not cands:
-            return cands
+    def _rescore_sets(self, query: dict, table: list, rng: np.random.Generator, n: int) -> List[list]:
+        """`n` re-scored copies of the candidates, one query dropout each (the
+        dropouts drawn in order, then embedded together when the embedder
+        has `embed_batch(list of kept tokens, query)`)."""
+        if not table:
+            return [[] for _ in range(n)]
         toks = np.concatenate([_half(query, "text"), _half(query, "image")]).astype(np.int32)
-        kept = np.asarray(strategy.query_dropout(toks.tolist(), rng, self.query_dropout_rate), np.int32)
-        q = np.asarray(self.query_embedder(kept), np.float64).reshape(-1)
-        keys = np.asarray(self.candidate_keys([c.doc_id for c in cands]), np.float64)
-        if keys.shape != (len(cands), q.shape[0]):
-            raise ValueError(f"candidate_keys gave shape {keys.shape} for {len(cands)} candidates; the query "
-                             f"embedding has dimension {q.shape[0]}")
-        scores = keys @ q
-        return [strategy.Candidate(doc_id=c.doc_id, score=float(s), has_text=c.has_text,
-                                   has_image=c.has_image, content_key=c.content_key)
-                for c, s in zip(cands, scores)]
+        kept = [np.asarray(strategy.query_dropout(toks.tolist(), rng, self.query_dropout_rate), np.int32)
+                for _ in range(n)]
+        if hasattr(self.query_embedder, "embed_batch"):
+            qs = np.asarray(self.query_embedder.embed_batch(kept, query), np.float64).reshape(n, -1)
+        else:
+            qs = np.stack([np.asarray(self.query_embedder(k, query), np.float64).reshape(-1) for k in kept])
+        keys = np.asarray(self.candidate_keys([c.doc_id for c in table]), np.float64)
+        if keys.shape != (len(table), qs.shape[1]):
+            raise ValueError(f"candidate_keys gave shape {keys.shape} for {len(table)} candidates; the query "
+                             f"embedding has dimension {qs.shape[1]}")
+        scores = qs @ keys.T
+        return [[strategy.Candidate(doc_id=c.doc_id, score=float(sc), has_text=c.has_text,
+                                    has_image=c.has_image, content_key=c.content_key)
+                 for c, sc in zip(table, row)] for row in scores]
 
     # -- assembly ------------------------------------------------------------
     def _example(self, query_id: int, query: dict, retrieved: list, docs: list,
@@ -297,16 +305,18 @@ class RetrievalAugmenter:
                     break
         else:
             table = [c for c in table if c.doc_id != doc_id]  # never re-scored, never retrieved
-            for _ in range(self.num_sets):
-                cands = self._rescore(query, table, rng)
+            missing: set = set()
+            for cands in self._rescore_sets(query, table, rng, self.num_sets):
+                cands = [c for c in cands if c.doc_id not in missing]
                 while True:
                     drawn = strategy.sample_retrieval_sets(
                         cands, rng, 1, self.num_retrieved, self.diversity_threshold,
                         self.prefer_multimodal, exclude_ids=(doc_id,))[0]
+                    before = {c.doc_id for c in cands}
                     docs = self._fetch(drawn, cache, cands)
                     if docs is not None:
                         break
-                table = [c for c in table if c.doc_id in {x.doc_id for x in cands}]
+                    missing |= before - {c.doc_id for c in cands}
                 sets.append((drawn, docs))
         return [self._example(doc_id, query, chosen, docs, rng, order) for chosen, docs in sets]
 

@@ -14,6 +14,7 @@ import seqio
 import tensorflow as tf
 
 from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
 
 TASK_NAME = "synthetic_lm"
 IMAGE_TOKENS = 16
@@ -45,14 +46,6 @@ def _dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
     stream = (0 if seed is None else int(seed)) * 2 + (split == "validation")
     return tf.data.Dataset.range(sizes[split]).map(
         lambda i: {"targets": synthetic_document(i, stream, v)})
-
-
-class UnifiedIdsVocabulary(seqio.PassThroughVocabulary):
-    """Ids of the unified vocabulary passed through unchanged (the text BPE
-    seqio.Vocabulary of the tokenizer issue replaces it for real text)."""
-
-    def __init__(self):
-        super().__init__(size=vocab_lib.UnifiedVocabulary().size, eos_id=vocab_lib.EOS_ID)
 
 
 def register():

@@ -511,3 +511,59 @@ class CM3ImageVocabulary(seqio.Vocabulary):
 
     def __repr__(self):
         return f"CM3ImageVocabulary({self.unified})"
+
+
+class UnifiedIdsVocabulary(seqio.Vocabulary):
+    """SeqIO vocabulary of sequences that are already unified ids (mixed
+    text, image codes and specials, as CM3 training sequences are): encode
+    and decode pass the ids through unchanged.
+
+    The size is looked up when first asked, from `vocabulary_fn()` (by
+    default the gin-bound `UnifiedVocabulary` in force then), so a task
+    registered at import time reports the vocabulary of the data or config
+    it ends up reading, not the one in force at import."""
+
+    def __init__(self, vocabulary_fn=None):
+        self._vocabulary_fn = vocabulary_fn or vocab_lib.UnifiedVocabulary
+        super().__init__(extra_ids=0)
+
+    @property
+    def unified(self) -> vocab_lib.UnifiedVocabulary:
+        return self._vocabulary_fn()
+
+    @property
+    def eos_id(self) -> int:
+        return vocab_lib.EOS_ID
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return None
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.unified.size
+
+    def _encode(self, s):
+        return list(s)
+
+    def _decode(self, ids):
+        return list(ids)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        return s
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        return ids
+
+    def __eq__(self, other):
+        # Equal when the id layouts are (resolving both): the tasks of a mixture
+        # over one prepared dataset share a vocabulary.
+        if not isinstance(other, UnifiedIdsVocabulary):
+            return False
+        return self._vocabulary_fn == other._vocabulary_fn or self.unified == other.unified
+
+    def __hash__(self):
+        return hash(UnifiedIdsVocabulary)  # consistent with the layout equality
+
+    def __repr__(self):
+        return f"UnifiedIdsVocabulary({self._vocabulary_fn!r})"

@@ -8,6 +8,8 @@ TensorBoard and metrics.jsonl, a progress line with ETA.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -32,6 +34,19 @@ log = logging.getLogger(__name__)
 # Fault injection for the resume test: the process SIGKILLs itself right
 # after this step (a real, uncatchable kill, like a lost VM).
 FAULT_SIGKILL_ENV = "CM3LEON_FAULT_SIGKILL_AFTER_STEP"
+
+
+BATCH_HASHES_FILE = "batch_hashes.jsonl"
+
+
+def batch_hash(batch: Mapping[str, np.ndarray]) -> str:
+    """sha256 over a batch's features (sorted names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        a = np.ascontiguousarray(batch[k])
+        h.update(f"{k}:{a.shape}:{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,6 +99,7 @@ def train(*,
           async_checkpoints: bool = True,
           log_every: int = 10,
           peak_flops_per_device: Optional[float] = None,
+          record_batch_hashes: bool = False,
           quiet: bool = False) -> dict:
     """Trains the decoder; returns the last logged metrics.
 
@@ -96,6 +112,10 @@ def train(*,
       num_microbatches: gradient accumulation; the update equals one big batch.
       z_loss: weight of log(Z)^2 (PaLM's auxiliary loss); 0 disables it.
       peak_flops_per_device: for MFU; None measures a jitted matmul at start.
+      record_batch_hashes: append {"step", "sha256"} of every input batch
+        (this host's, before sharding) to model_dir/batch_hashes.jsonl, to
+        check that a resumed run reads exactly the batches of an
+        uninterrupted one.
     """
     model_config = model_config or DecoderConfig()
     seq_len = _feature_length(task_feature_lengths)
@@ -130,8 +150,9 @@ def train(*,
                 "batches were consumed; expected one per step")
         _say(quiet, f"resumed from step {start_step} ({ckpt.directory / str(start_step)})")
 
-    from cm3leon_jax.data.pipeline import TrainIterator
+    from cm3leon_jax.data.pipeline import TrainIterator, check_vocabulary
 
+    check_vocabulary(mixture_or_task_name, model_config.vocab_size)
     data = TrainIterator(mixture_or_task_name, task_feature_lengths, batch_size,
                          seed if data_seed is None else data_seed,
                          shard_index=jax.process_index(), num_shards=jax.process_count(),
@@ -158,6 +179,7 @@ def train(*,
     progress = metrics_lib.Progress(train_steps, start_step)
     fault_step = int(os.environ.get(FAULT_SIGKILL_ENV, "0") or 0)
 
+    hashes = open(os.path.join(model_dir, BATCH_HASHES_FILE), "a") if record_batch_hashes else None
     pending = []  # (step, metrics on device) not yet checked for finiteness
     last = {}
     step = start_step
@@ -182,7 +204,11 @@ def train(*,
     with mesh, _Preemption() as preempt:
         try:
             while step < train_steps:
-                batch = partitioning.global_batch_from_local(next(data), mesh, rules)
+                local = next(data)
+                if hashes is not None:
+                    hashes.write(json.dumps({"step": step + 1, "sha256": batch_hash(local)}) + "\n")
+                    hashes.flush()
+                batch = partitioning.global_batch_from_local(local, mesh, rules)
                 state, metrics = jit_step(state, batch)
                 step += 1
                 throughput.tick()
@@ -204,6 +230,8 @@ def train(*,
                     sys.stdout.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
+            if hashes is not None:
+                hashes.close()
             ckpt.close()
             writer.flush()
             writer.close()

@@ -416,3 +416,32 @@ def test_objective_is_gin_configurable():
 def test_module_does_not_import_jax():
     code = "import sys, cm3leon_jax.data.cm3; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_apply_per_document_by_hand():
+    # two documents and a truncated tail; the objective tags each one it sees
+    seen = []
+
+    def tag(doc, rng):
+        seen.append(doc.tolist())
+        return np.concatenate([[99], doc])
+
+    seq = np.array([10, 11, EOS_ID, 12, EOS_ID, EOS_ID, 13, 14], np.int32)
+    out = cm3.apply_per_document(seq, tag, np.random.default_rng(0))
+    assert out.tolist() == [99, 10, 11, EOS_ID, 99, 12, EOS_ID, EOS_ID, 99, 13, 14]
+    assert seen == [[10, 11], [12], [13, 14]]  # the empty document is kept, not transformed
+    assert out.dtype == np.int32
+
+
+def test_apply_per_document_matches_per_document_draws():
+    # the same rng stream, document by document, gives the same sequence
+    rng_docs = np.random.default_rng(5)
+    docs = [rng_docs.integers(V.text_start, V.size, size=n).astype(np.int32) for n in (7, 1, 12)]
+    seq = np.concatenate([np.concatenate([d, [EOS_ID]]) for d in docs]).astype(np.int32)
+    obj = cm3.CM3Objective(vocab=V)
+    got = cm3.apply_per_document(seq, obj, np.random.default_rng(1))
+    r = np.random.default_rng(1)
+    want = np.concatenate([np.concatenate([obj(d, r), [EOS_ID]]) for d in docs])
+    assert got.tolist() == want.tolist()
+    pieces = np.split(got, np.flatnonzero(got == EOS_ID) + 1)[:-1]
+    assert [cm3.cm3_inverse(p).tolist() for p in pieces] == [d.tolist() + [EOS_ID] for d in docs]

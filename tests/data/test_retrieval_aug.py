@@ -298,7 +298,7 @@ class BagEmbedder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, query=None):
         tokens = np.asarray(tokens)
         self.calls.append(tokens.tolist())
         v = np.array([(tokens == A).sum(), (tokens == B).sum()], np.float64)
@@ -345,7 +345,7 @@ def test_query_dropout_rate_reaches_the_embedder():
     store.docs[100] = dict(store.docs[100], text_ids=toks[:12], image_ids=np.arange(I, I + 8, dtype=np.int32))
     rows = {100: [Candidate(201, 0.5), Candidate(202, 0.4), Candidate(203, 0.3)]}
     seen = []
-    embedder = lambda t: (seen.append(np.asarray(t).tolist()) or np.array([0.3, 0.4]))  # noqa: E731
+    embedder = lambda t, q: (seen.append(np.asarray(t).tolist()) or np.array([0.3, 0.4]))  # noqa: E731
     aug = ra.RetrievalAugmenter(store, _Provider(rows), query_embedder=embedder,
                                 candidate_keys=lambda ids: np.stack([KEYS[i] for i in ids]))
     for s in range(50):

@@ -1,5 +1,6 @@
 """Trainer: microbatches, exact resume after SIGKILL, SIGTERM, corrupt
 checkpoints, non-finite loss, the tiny config's learning."""
+import json
 import os
 import signal
 import subprocess
@@ -181,11 +182,54 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
     assert steps[-1] == good  # nothing past the last good step was saved
 
 
+def _shapes_env():
+    sys.path.insert(0, os.path.join(REPO, "tests", "data"))
+    from task_data import shapes_task_data
+    from cm3leon_jax.data.tasks import SHAPES_DATA_ENV
+
+    return {SHAPES_DATA_ENV: shapes_task_data()}
+
+
+def _hashes(model_dir):
+    """step -> the last batch hash recorded for it."""
+    with open(os.path.join(model_dir, "batch_hashes.jsonl")) as f:
+        return {r["step"]: r["sha256"] for r in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_tiny_config_resume_reads_exactly_the_same_batches(tmp_path):
+    """Issue 6's acceptance: gin/cm3leon_tiny.gin (shapes_cm3_retrieval) for
+    40 steps, SIGKILLed after step 25 and resumed, consumes the batches of an
+    uninterrupted run, step by step."""
+    env = _shapes_env()
+    args = ["train", "--gin_file=gin/cm3leon_tiny.gin", "--gin.TRAIN_STEPS=40", "--gin.train.checkpoint_every=10",
+            "--gin.train.keep_checkpoints=5", "--gin.train.record_batch_hashes=True",
+            "--gin.train.peak_flops_per_device=1e11"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli(args + [f"--model_dir={straight}"], env=env)
+    proc = run_cli(args + [f"--model_dir={killed}"], env=dict(env, **{FAULT_SIGKILL_ENV: "25"}), check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = _hashes(killed)
+    assert max(first) == 25
+    proc = run_cli(args + [f"--model_dir={killed}"], env=env)
+    import re
+    m = re.search(r"resumed from step (\d+)", proc.stderr)
+    assert m, proc.stderr[-2000:]
+    resumed = int(m.group(1))  # the last complete checkpoint (20, or 10 if 20's async save was cut)
+    assert resumed in (10, 20)
+    want, got = _hashes(straight), _hashes(killed)
+    assert sorted(want) == sorted(got) == list(range(1, 41))
+    assert all(first[s] == want[s] for s in range(1, 26))           # before the kill
+    assert all(got[s] == want[s] for s in range(resumed + 1, 41))   # replayed up to 25, then new
+    assert len(set(want.values())) == 40                   # the batches do change every step
+    _assert_trees_bitwise_equal(_params_at(straight, 40), _params_at(killed, 40))
+
+
 @pytest.mark.slow
 def test_tiny_config_learns(tmp_path):
     """The acceptance run, shortened: the tiny gin's loss drops below 60%."""
     run_cli(["train", "--gin_file=gin/cm3leon_tiny.gin", "--gin.TRAIN_STEPS=150",
-             "--gin.train.peak_flops_per_device=1e11", f"--model_dir={tmp_path}"])
+             "--gin.train.peak_flops_per_device=1e11", f"--model_dir={tmp_path}"], env=_shapes_env())
     rows = read_metrics(tmp_path)
     assert rows[-1]["step"] == 150
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]

@@ -1,0 +1,459 @@
+"""SeqIO tasks of CM3Leon training sequences over prepared data.
+
+`register_cm3_task(name, prepared_dir, index_dir=None, ...)` registers a
+`seqio.Task` reading a `cm3leon prepare` output (and, for retrieval, the
+memory bank made from it with its neighbour table). Its pipeline:
+
+    source       PreparedDocumentSource: the document ids of the split,
+                 one host's shard (`ids[index::num_shards]`), shuffled with
+                 a seeded, per-epoch reshuffle
+    placeholder  seqio.CacheDatasetPlaceholder (the steps below are
+                 stochastic, so they run after it, once per epoch)
+    retrieval    retrieval_augment: `retrieved_1 <eos> retrieved_2 <eos> query
+                 <eos>` from the neighbour table with the retrieval strategy
+                 (data/retrieval_aug.py); in training `num_sets` (3)
+                 sampled retrieval sets per pair, i.e. 3 sequences; in
+                 validation one sequence with the inference choice. Without an
+                 index: the document alone, `doc <eos>`.
+    cm3          cm3_objective: the CM3 objective on every document of the
+                 sequence (data/cm3.py, settings from gin `CM3Objective`)
+
+then SeqIO's trimming to the feature length, and at training time packing
+by `seqio.DecoderFeatureConverter(pack=True)` (data/pipeline.py), giving the
+DESIGN.md features (`decoder_target_tokens`, `decoder_input_tokens`,
+`decoder_loss_weights`, `decoder_segment_ids`, `decoder_positions`).
+
+Determinism: the document order is a pure function of (seed, epoch, host
+shard) and every stochastic step draws from a per-example seed that SeqIO's
+`map_over_dataset(num_seeds=1)` derives from the task seed, so the example
+stream, and with it the packed batches, is a pure function of (seed,
+position). data/pipeline.py's TrainIterator resumes it exactly.
+
+Choices where the paper is silent (assumptions):
+
+- Splits: `validation` is the last `validation_fraction` (1%, at least one
+  document when there are two or more, at most 1,000) of the records in
+  record order; `train` is the rest. Training sequences never contain a
+  validation document: training queries do not retrieve them.
+- Query dropout (PAPER.md: drop 20% of the query's tokens before embedding,
+  in training) re-embeds the query's caption with 20% of its BPE tokens
+  dropped, with the CLIP the data was prepared with, averages it with the
+  query's stored image embedding (the bank's document key), and re-scores
+  the table's candidates with their stored keys (`RetrievalAugmenter`'s
+  hook). Image tokens are not dropped: CLIP's image tower sees pixels, and
+  decoding a VQ grid with holes is not defined. Off with
+  `query_dropout=False`.
+
+The built-in tasks `shapes_cm3` (no retrieval) and `shapes_cm3_retrieval`
+read the embedded shapes corpus from `shapes_data_dir()`: the gin binding
+`shapes_data_dir.path`, else `$CM3LEON_SHAPES_DATA`, else
+`./demo_out/data`; it holds `prepared/`, `bank/` (with `neighbours/`) and
+`index/`, as `build_task_data` (`cm3leon task-data`) writes them. The
+mixture `shapes_cm3_mixture` samples both equally.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.data import cm3 as cm3_lib
+from cm3leon_jax.data import retrieval_aug
+from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
+
+PathSpec = Union[str, Callable[[], str]]
+
+SPLITS = ("train", "validation")
+SHAPES_DATA_ENV = "CM3LEON_SHAPES_DATA"
+PREPARED_SUBDIR, BANK_SUBDIR, INDEX_SUBDIR = "prepared", "bank", "index"
+SHAPES_TASK = "shapes_cm3"
+SHAPES_RETRIEVAL_TASK = "shapes_cm3_retrieval"
+SHAPES_MIXTURE = "shapes_cm3_mixture"
+CORPUS_DATA_ENV = "CM3LEON_CORPUS_DATA"
+CORPUS_TASK = "corpus_cm3"
+CORPUS_RETRIEVAL_TASK = "corpus_cm3_retrieval"
+MAX_VALIDATION_DOCS = 1000
+
+
+@gin.configurable
+def shapes_data_dir(path: Optional[str] = None) -> str:
+    """Where the built-in shapes tasks read their data (see the module
+    docstring)."""
+    return os.path.abspath(path or os.environ.get(SHAPES_DATA_ENV) or os.path.join("demo_out", "data"))
+
+
+@gin.configurable
+def corpus_data_dir(path: Optional[str] = None) -> str:
+    """Where the built-in corpus tasks (`corpus_cm3`, `corpus_cm3_retrieval`:
+    a user's own data, as the paper-size gin files train on) read: the gin
+    binding `corpus_data_dir.path`, else `$CM3LEON_CORPUS_DATA`; a
+    `cm3leon task-data` output."""
+    path = path or os.environ.get(CORPUS_DATA_ENV)
+    if not path:
+        raise ValueError(f"the corpus tasks ({CORPUS_TASK}, {CORPUS_RETRIEVAL_TASK}) need their data dir: bind "
+                         f"corpus_data_dir.path = '/path' in gin (or set ${CORPUS_DATA_ENV}) to a `cm3leon "
+                         "task-data --source=... --out=DIR` output")
+    return os.path.abspath(path)
+
+
+def validation_count(n: int, fraction: float) -> int:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {fraction}")
+    if n < 2 or fraction == 0.0:
+        return 0
+    return int(min(max(1, round(n * fraction)), MAX_VALIDATION_DOCS, n - 1))
+
+
+def _resolve(p: Optional[PathSpec]) -> Optional[str]:
+    if p is None:
+        return None
+    return os.path.abspath(p() if callable(p) else p)
+
+
+# =========================================================================== the data a task reads
+
+
+class _NoCandidates:
+    def candidates(self, doc_id: int) -> list:
+        del doc_id
+        return []
+
+
+class _ExcludingCandidates:
+    """A candidate provider without the `excluded` documents."""
+
+    def __init__(self, provider, excluded: frozenset):
+        self.provider, self.excluded = provider, excluded
+
+    def candidates(self, doc_id: int) -> list:
+        return [c for c in self.provider.candidates(doc_id) if c.doc_id not in self.excluded]
+
+
+class TaskData:
+    """The opened prepared dataset (+ neighbour table) of one task, with the
+    split ids, an in-memory token cache (the records the pipeline needs are
+    read once) and the per-split augmenters."""
+
+    def __init__(self, task_name: str, prepared_dir: str, index_dir: Optional[str], *,
+                 validation_fraction: float, num_retrieved: int, num_sets: int, image_first_prob: float,
+                 query_dropout: bool, cache_limit: int = 500_000):
+        from cm3leon_jax.data.prepare import PreparedDataset
+
+        self.task_name, self.index_dir = task_name, index_dir
+        hint = ""
+        if task_name in (SHAPES_TASK, SHAPES_RETRIEVAL_TASK):
+            hint = (f" (the built-in shapes tasks read shapes_data_dir() = {shapes_data_dir()!r}: set "
+                    f"${SHAPES_DATA_ENV} or the gin binding shapes_data_dir.path, or build it there with "
+                    "`cm3leon task-data --source=shapes:20000 --out=DIR ...`)")
+        elif task_name in (CORPUS_TASK, CORPUS_RETRIEVAL_TASK):
+            hint = " (build it with `cm3leon task-data --source=... --out=DIR ...`)"
+        try:
+            self.prepared = PreparedDataset(prepared_dir)
+            self.table = None
+            if index_dir is not None:
+                from cm3leon_jax.retrieval.neighbours import NeighbourTable
+
+                self.table = NeighbourTable(index_dir)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"SeqIO task {task_name!r}: {e}{hint}") from None
+        n = len(self.prepared)
+        v = validation_count(n, validation_fraction)
+        ids = np.asarray(self.prepared.ids, np.int64)
+        self.split_ids = {"train": ids[:n - v], "validation": ids[n - v:]}
+        self.validation_ids = frozenset(ids[n - v:].tolist())
+        self.vocabulary = self.prepared.vocabulary
+        self.settings = dict(num_retrieved=num_retrieved, num_sets=num_sets, image_first_prob=image_first_prob)
+        self.query_dropout = bool(query_dropout) and index_dir is not None and num_retrieved > 0
+        self._cache: Dict[int, dict] = {}
+        self._cache_limit = int(cache_limit)
+        self._lock = threading.Lock()
+        self._augmenters: Dict[bool, retrieval_aug.RetrievalAugmenter] = {}
+        self._objective = None
+
+    # a document store for RetrievalAugmenter: the fields it reads, cached
+    def by_id(self, doc_id: int) -> dict:
+        doc_id = int(doc_id)
+        doc = self._cache.get(doc_id)
+        if doc is None:
+            with self._lock:
+                rec = self.prepared.by_id(doc_id)
+            doc = {k: rec[k] for k in ("id", "text_ids", "image_ids", "has_text", "has_image",
+                                       "image_embedding")}
+            if len(self._cache) < self._cache_limit:
+                self._cache[doc_id] = doc
+        return doc
+
+    def augmenter(self, training: bool) -> retrieval_aug.RetrievalAugmenter:
+        aug = self._augmenters.get(training)
+        if aug is None:
+            with self._lock:
+                provider = self.table if self.table is not None else _NoCandidates()
+                if training and self.validation_ids and self.table is not None:
+                    provider = _ExcludingCandidates(provider, self.validation_ids)
+                kw = dict(self.settings)
+                if self.table is None:
+                    kw.update(num_retrieved=0, num_sets=1)
+                if training and self.query_dropout:
+                    from cm3leon_jax.retrieval.query_dropout import ClipQueryEmbedder
+
+                    kw.update(query_embedder=ClipQueryEmbedder.for_prepared(
+                                  self.prepared, batch_size=kw["num_sets"]),
+                              candidate_keys=retrieval_aug.BankKeys(self.index_dir))
+                aug = retrieval_aug.RetrievalAugmenter(self, provider, **kw)
+                self._augmenters[training] = aug
+        return aug
+
+    def objective(self) -> cm3_lib.CM3Objective:
+        if self._objective is None:
+            self._objective = cm3_lib.CM3Objective(vocab=self.vocabulary)  # the rest from gin
+        return self._objective
+
+
+_DATA: Dict[tuple, TaskData] = {}
+_DATA_LOCK = threading.Lock()
+
+
+def _task_data(task_name: str, prepared_dir: PathSpec, index_dir: Optional[PathSpec], **settings) -> TaskData:
+    """The TaskData of a task, opened once per (paths, settings) and process."""
+    p, i = _resolve(prepared_dir), _resolve(index_dir)
+    key = (task_name, p, i, tuple(sorted(settings.items())))
+    with _DATA_LOCK:
+        if key not in _DATA:
+            _DATA[key] = TaskData(task_name, p, i, **settings)
+        return _DATA[key]
+
+
+# =========================================================================== source
+
+
+class PreparedDocumentSource(seqio.DataSource):
+    """The document ids of a prepared dataset's split as
+    `{"doc_id": int64, "training": bool}`; a host shard is every
+    `num_shards`-th id from `index` (disjoint across hosts); shuffling is a
+    full permutation per epoch drawn from the seed (`reshuffle_each_iteration`:
+    SeqIO's repeat gives each epoch a new order, still a pure function of the
+    seed)."""
+
+    def __init__(self, data_fn: Callable[[], TaskData]):
+        self._data_fn = data_fn
+        super().__init__(splits=SPLITS, num_input_examples=None, caching_permitted=True)
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def num_input_examples(self, split: str) -> Optional[int]:
+        # Deliberately unknown to SeqIO: it would cache a small source in memory
+        # (before the shuffle's per-epoch reshuffle) and freeze the order.
+        return None
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                    shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
+                    use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+        del sequence_length, use_cached, num_epochs
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; this task has {list(SPLITS)}")
+        data = self._data_fn()
+        # Built here, in the caller's thread, so a bad setting (e.g. query
+        # dropout's CLIP dir gone) is a Python error now, not a failure inside
+        # a tf.data worker thread later.
+        data.augmenter(split == "train")
+        data.objective()
+        ids = data.split_ids[split]
+        if shard_info is not None and shard_info.num_shards > 1:
+            if len(ids) < shard_info.num_shards:
+                raise ValueError(f"SeqIO task {data.task_name!r}: split {split!r} has {len(ids)} documents, "
+                                 f"fewer than the {shard_info.num_shards} host shards")
+            ids = ids[shard_info.index::shard_info.num_shards]
+        if not len(ids):
+            raise ValueError(f"SeqIO task {data.task_name!r}: split {split!r} has no documents "
+                             f"({len(data.prepared)} in the prepared dataset)")
+        ds = tf.data.Dataset.from_tensor_slices({
+            "doc_id": tf.constant(ids, tf.int64),
+            "training": tf.fill([len(ids)], split == "train")})
+        if shuffle:
+            ds = ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
+        return ds
+
+
+# =========================================================================== preprocessors
+
+
+def _rng(seed) -> np.random.Generator:
+    return np.random.default_rng([int(s) & 0xFFFFFFFF for s in np.asarray(seed).reshape(-1)])
+
+
+def retrieval_augment(ds: tf.data.Dataset, *, data_fn: Callable[[], TaskData]) -> tf.data.Dataset:
+    """{"doc_id", "training"} -> one example per sequence:
+    {"targets": int32 [L], "query_id": int64}. Training documents give the
+    augmenter's `num_sets` sequences, validation documents one."""
+
+    def build(doc_id, training, seed):
+        aug = data_fn().augmenter(bool(training))
+        rng = _rng(seed)
+        if training:
+            exs = aug.training_examples(int(doc_id), rng)
+        else:
+            exs = [aug.inference_example(int(doc_id), rng)]
+        flat = np.concatenate([e["targets"] for e in exs]).astype(np.int32)
+        return flat, np.asarray([len(e["targets"]) for e in exs], np.int64)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def augment(ex, seed):
+        flat, lengths = tf.numpy_function(build, [ex["doc_id"], ex["training"], seed], [tf.int32, tf.int64],
+                                          stateful=False)
+        flat.set_shape([None])
+        lengths.set_shape([None])
+        return {"flat": flat, "lengths": lengths, "doc_id": ex["doc_id"]}
+
+    def split(ex):
+        ends = tf.cumsum(ex["lengths"])
+        starts = ends - ex["lengths"]
+        return tf.data.Dataset.range(tf.size(ex["lengths"], out_type=tf.int64)).map(
+            lambda j: {"targets": ex["flat"][starts[j]:ends[j]], "query_id": ex["doc_id"]})
+
+    return augment(ds).flat_map(split)
+
+
+def cm3_objective(ds: tf.data.Dataset, *, data_fn: Callable[[], TaskData]) -> tf.data.Dataset:
+    """The CM3 objective on every `<eos>`-terminated document of "targets"."""
+
+    def transform(targets, seed):
+        return cm3_lib.apply_per_document(targets, data_fn().objective(), _rng(seed)).astype(np.int32)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def apply(ex, seed):
+        out = tf.numpy_function(transform, [ex["targets"], seed], tf.int32, stateful=False)
+        out.set_shape([None])
+        return dict(ex, targets=out)
+
+    return apply(ds)
+
+
+# =========================================================================== registration
+
+
+def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[PathSpec] = None, *,
+                      num_retrieved: int = 2, num_sets: int = 3, image_first_prob: float = 0.5,
+                      query_dropout: bool = True, use_cm3: bool = True, validation_fraction: float = 0.01,
+                      shuffle_buffer_size: int = 1000, replace: bool = False) -> seqio.Task:
+    """Registers (and returns) the SeqIO task `name` of CM3 sequences over a
+    prepared dataset; with `index_dir` (a memory bank dir holding
+    `neighbours/`, from `cm3leon embed` + `index build` + `index
+    neighbours`) they are retrieval-augmented. Paths may be zero-argument
+    callables, resolved when the data is first read. See the module
+    docstring for the pipeline; nothing is opened until then."""
+    if num_retrieved < 0 or num_sets < 1:
+        raise ValueError(f"task {name!r}: num_retrieved must be >= 0 and num_sets >= 1, got "
+                         f"{num_retrieved}, {num_sets}")
+    validation_count(2, validation_fraction)  # checks the range
+    if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+        if not replace:
+            raise ValueError(f"a SeqIO task or mixture named {name!r} is already registered "
+                             "(pass replace=True to redefine it)")
+        seqio.TaskRegistry.remove(name)
+    settings = dict(validation_fraction=float(validation_fraction), num_retrieved=int(num_retrieved),
+                    num_sets=int(num_sets), image_first_prob=float(image_first_prob),
+                    query_dropout=bool(query_dropout))
+    data_fn = functools.partial(_task_data, name, prepared_dir, index_dir, **settings)
+    preprocessors = [seqio.CacheDatasetPlaceholder(),
+                     functools.partial(retrieval_augment, data_fn=data_fn)]
+    if use_cm3:
+        preprocessors.append(functools.partial(cm3_objective, data_fn=data_fn))
+    vocabulary = UnifiedIdsVocabulary(functools.partial(_vocabulary_of, data_fn))
+    return seqio.TaskRegistry.add(
+        name,
+        source=PreparedDocumentSource(data_fn),
+        preprocessors=preprocessors,
+        output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+
+
+def _vocabulary_of(data_fn) -> vocab_lib.UnifiedVocabulary:
+    return data_fn().vocabulary
+
+
+def _shapes_prepared() -> str:
+    return os.path.join(shapes_data_dir(), PREPARED_SUBDIR)
+
+
+def _shapes_bank() -> str:
+    return os.path.join(shapes_data_dir(), BANK_SUBDIR)
+
+
+def _corpus_prepared() -> str:
+    return os.path.join(corpus_data_dir(), PREPARED_SUBDIR)
+
+
+def _corpus_bank() -> str:
+    return os.path.join(corpus_data_dir(), BANK_SUBDIR)
+
+
+def register_builtin():
+    if SHAPES_TASK not in seqio.TaskRegistry.names():
+        register_cm3_task(SHAPES_TASK, _shapes_prepared)
+    if SHAPES_RETRIEVAL_TASK not in seqio.TaskRegistry.names():
+        register_cm3_task(SHAPES_RETRIEVAL_TASK, _shapes_prepared, _shapes_bank)
+    if CORPUS_TASK not in seqio.TaskRegistry.names():
+        register_cm3_task(CORPUS_TASK, _corpus_prepared)
+    if CORPUS_RETRIEVAL_TASK not in seqio.TaskRegistry.names():
+        register_cm3_task(CORPUS_RETRIEVAL_TASK, _corpus_prepared, _corpus_bank)
+    if SHAPES_MIXTURE not in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.add(SHAPES_MIXTURE, [(SHAPES_TASK, 1.0), (SHAPES_RETRIEVAL_TASK, 1.0)])
+
+
+# =========================================================================== building the data
+
+
+def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: str, clip_dir: str, *,
+                    k: int = 16, max_text_tokens: int = 128, records_per_shard: int = 1000,
+                    progress: bool = True) -> dict:
+    """The data of a retrieval task in `data_dir`, with the real commands'
+    code: `cm3leon prepare` (prepared/), `cm3leon embed --source=prepared:`
+    (bank/, from the stored CLIP embeddings), `cm3leon index build` (index/)
+    and `cm3leon index neighbours` (bank/neighbours/). Each stage is skipped
+    when its output is complete, so an interrupted build continues."""
+    import json
+
+    from cm3leon_jax.data import prepare
+    from cm3leon_jax.retrieval import embed, neighbours
+    from cm3leon_jax.retrieval.index import MipsIndex
+
+    prepared_dir = os.path.join(data_dir, PREPARED_SUBDIR)
+    bank_dir = os.path.join(data_dir, BANK_SUBDIR)
+    index_dir = os.path.join(data_dir, INDEX_SUBDIR)
+    report = {"prepare": prepare.prepare(source, prepared_dir, vqgan_dir, text_tokenizer, clip_dir,
+                                         max_text_tokens=max_text_tokens, records_per_shard=records_per_shard,
+                                         progress=progress)}
+    ds = prepare.PreparedDataset(prepared_dir)
+    if not os.path.isfile(os.path.join(bank_dir, embed.BANK_FILE)) or report["prepare"]["new_records"]:
+        bank = prepare.bank_from_prepared(ds, clip_dir, bank_dir, text_tokenizer=text_tokenizer)
+        if bank is None:
+            raise ValueError(f"{clip_dir!r} is not the CLIP {prepared_dir!r} was prepared with")
+        report["bank"] = {"count": bank["count"]}
+    bank = embed.load_bank(bank_dir)
+    if not os.path.isdir(index_dir) or report.get("bank"):
+        index = MipsIndex.build(bank.embeddings, bank.ids, embedding_model=bank.embedding_model)
+        index.save(index_dir)
+        with open(os.path.join(index_dir, "source_bank.json"), "w") as f:
+            json.dump({"bank_dir": os.path.abspath(bank_dir)}, f)
+        report["index"] = {"count": index.size, **index.params}
+    table = os.path.join(bank_dir, neighbours.TABLE_DIR, neighbours.MANIFEST_FILE)
+    if not os.path.isfile(table) or report.get("index"):
+        report["neighbours"] = neighbours.build_neighbour_table(bank_dir, index_dir, k=k, progress=progress)
+    report["data_dir"] = os.path.abspath(data_dir)
+    return report
+
+
+register_builtin()
