@@ -13,9 +13,7 @@ import os
 import shutil
 import sys
 import tarfile
-import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,22 +22,16 @@ from PIL import Image
 from cm3leon_jax.data import prepare
 from cm3leon_jax.data.images import load_image
 from cm3leon_jax.data.sources import open_source
-from cm3leon_jax.data.tokenizers import TextTokenizer, train_text_tokenizer
+from cm3leon_jax.data.tokenizers import TextTokenizer
 from cm3leon_jax.demo import shapes
 from cm3leon_jax.models.clip import CLIP, CLIPTextTokenizer, preprocess_images
 from cm3leon_jax.models.clip_convert import load_clip
 from cm3leon_jax.models.image_tokenizer import ImageTokenizer
-from cm3leon_jax.models.vqgan import VQGAN, small_config
-from cm3leon_jax.train import checkpoints as ckpt_lib
-from cm3leon_jax.train import vqgan_trainer
 from tests.conftest import run_cli
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "retrieval"))
-from tiny_clip import shared_clip_dir  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from task_data import make_bpe, make_vq_dir, shared_clip_dir  # noqa: E402
 
-# 32x32 -> 4x4 codes of 32 (tests/train/test_vqgan_trainer.py's MICRO)
-MICRO = dict(resolution=32, base_channels=8, channel_multiplier=(1, 2, 2, 2), num_res_blocks=1,
-             latent_channels=16, embed_dim=8, num_embeddings=32, num_groups=4)
 MAX_TOKENS = 40
 PER_SHARD = 3
 WORDS = "a red blue green circle square triangle left of right above below the small big".split()
@@ -107,43 +99,12 @@ def _mtimes(out):
     return {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in sorted(os.listdir(out))}
 
 
-def _random_vq_params(cfg, seed=0):
-    """Random VQ-GAN weights drawn in NumPy over the init's shapes (Flax's
-    eager init takes ~15 s here): kernels N(0, 1/fan_in), norms identity,
-    codebook N(0, 1)."""
-    abstract = jax.eval_shape(lambda: VQGAN(cfg).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, 3)))["params"])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['kernel']"):
-            return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape).astype(np.float32)
-        if name.endswith("['scale']"):
-            return np.ones(leaf.shape, np.float32)
-        if name.endswith("['bias']"):
-            return np.zeros(leaf.shape, np.float32)
-        return rng.normal(0, 1, leaf.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
-    cfg = small_config(**MICRO)
-    params = _random_vq_params(cfg)
-    vq_dir = str(base / "vqgan")
-    vqgan_trainer.save_config(vq_dir, cfg)
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(vq_dir), 1, None, async_save=False)
-    ckpt.save(0, {"params": params}, {"source": "random-init"}, force=True)
-    ckpt.close()
-    corpus = base / "captions.txt"
-    corpus.write_text("\n".join([shapes.generate_example(3, i).caption for i in range(200)] + [LONG_CAPTION]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a small corpus may support fewer merges than asked
-        tok_dir = train_text_tokenizer([str(corpus)], 320, str(base / "bpe"))
-    return {"vqgan_dir": vq_dir, "text_tokenizer": tok_dir, "clip_dir": shared_clip_dir()}
+    return {"vqgan_dir": make_vq_dir(str(base / "vqgan")),
+            "text_tokenizer": make_bpe(str(base / "text"), 320, extra_lines=[LONG_CAPTION]),
+            "clip_dir": shared_clip_dir()}
 
 
 def _flags(models):
