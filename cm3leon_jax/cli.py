@@ -123,6 +123,13 @@ def _add_embed(sub):
     p.set_defaults(func=cmd_embed)
 
 
+def _add_model_dir_args(p):
+    """The three models a prepared dataset is made with."""
+    p.add_argument("--vqgan_dir", required=True, help="VQ-GAN model dir (image tokenizer)")
+    p.add_argument("--text_tokenizer", required=True, help="the project's BPE dir (tokenizer.json)")
+    p.add_argument("--clip_dir", required=True, help="CLIP model dir (retrieval embeddings)")
+
+
 def _add_prepare(sub):
     p = sub.add_parser(
         "prepare", help="raw image-text pairs -> a prepared dataset (ArrayRecord; Apache Beam)",
@@ -142,9 +149,7 @@ def _add_prepare(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="document source spec, e.g. image_folder:/data/pairs")
     p.add_argument("--out", required=True, help="output directory of the prepared dataset")
-    p.add_argument("--vqgan_dir", required=True, help="VQ-GAN model dir (image tokenizer)")
-    p.add_argument("--text_tokenizer", required=True, help="the project's BPE dir (tokenizer.json)")
-    p.add_argument("--clip_dir", required=True, help="CLIP model dir (retrieval embeddings)")
+    _add_model_dir_args(p)
     p.add_argument("--max_text_tokens", type=int, default=128,
                    help="captions are truncated to this many BPE ids (counted, not skipped)")
     p.add_argument("--records_per_shard", type=int, default=1000,
@@ -177,9 +182,7 @@ def _add_task_data(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="document source spec (as for `cm3leon prepare`)")
     p.add_argument("--out", required=True, help="the task data dir")
-    p.add_argument("--vqgan_dir", required=True, help="VQ-GAN model dir (image tokenizer)")
-    p.add_argument("--text_tokenizer", required=True, help="the project's BPE dir (tokenizer.json)")
-    p.add_argument("--clip_dir", required=True, help="CLIP model dir (retrieval embeddings)")
+    _add_model_dir_args(p)
     p.add_argument("--k", type=int, default=16, help="candidates per document in the neighbour table")
     p.add_argument("--max_text_tokens", type=int, default=128, help="captions are truncated to this many BPE ids")
     p.add_argument("--records_per_shard", type=int, default=1000, help="documents per prepared shard")

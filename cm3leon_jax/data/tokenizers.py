@@ -354,7 +354,24 @@ def _fold_ragged(flat_values, row_lengths, shape, rank: int):
     return rt
 
 
-class CM3TextVocabulary(seqio.Vocabulary):
+class _UnifiedSpaceVocabulary(seqio.Vocabulary):
+    """What the SeqIO vocabularies below share: ids are unified ids (of
+    `self.unified`), <eos> is the unified one, no unknown id."""
+
+    @property
+    def eos_id(self) -> int:
+        return vocab_lib.EOS_ID
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return None
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.unified.size
+
+
+class CM3TextVocabulary(_UnifiedSpaceVocabulary):
     """SeqIO vocabulary of CM3Leon text: strings <-> unified ids via a trained
     `TextTokenizer`. `vocab_size` is the whole unified vocabulary, so a
     feature of this vocabulary may also hold specials and image codes (a full
@@ -373,18 +390,6 @@ class CM3TextVocabulary(seqio.Vocabulary):
         self.unified = self.tokenizer.vocabulary
         self.skip_non_text = skip_non_text
         super().__init__(extra_ids=0)
-
-    @property
-    def eos_id(self) -> int:
-        return vocab_lib.EOS_ID
-
-    @property
-    def unk_id(self) -> Optional[int]:
-        return None
-
-    @property
-    def _base_vocab_size(self) -> int:
-        return self.unified.size
 
     def _encode(self, s: str) -> Sequence[int]:
         return self.tokenizer.encode(s).tolist()
@@ -443,7 +448,7 @@ class CM3TextVocabulary(seqio.Vocabulary):
         return f"CM3TextVocabulary({self.tokenizer.path!r}, {self.unified})"
 
 
-class CM3ImageVocabulary(seqio.Vocabulary):
+class CM3ImageVocabulary(_UnifiedSpaceVocabulary):
     """SeqIO vocabulary of VQ image codes: codes <-> unified ids.
 
     `encode` takes codes of any shape (a list, an array, a [h, w] grid) and
@@ -456,18 +461,6 @@ class CM3ImageVocabulary(seqio.Vocabulary):
     def __init__(self, vocabulary: Optional[vocab_lib.UnifiedVocabulary] = None):
         self.unified = vocabulary or vocab_lib.UnifiedVocabulary()
         super().__init__(extra_ids=0)
-
-    @property
-    def eos_id(self) -> int:
-        return vocab_lib.EOS_ID
-
-    @property
-    def unk_id(self) -> Optional[int]:
-        return None
-
-    @property
-    def _base_vocab_size(self) -> int:
-        return self.unified.size
 
     def _encode(self, codes) -> Sequence[int]:
         if isinstance(codes, (str, bytes)):
@@ -513,7 +506,7 @@ class CM3ImageVocabulary(seqio.Vocabulary):
         return f"CM3ImageVocabulary({self.unified})"
 
 
-class UnifiedIdsVocabulary(seqio.Vocabulary):
+class UnifiedIdsVocabulary(_UnifiedSpaceVocabulary):
     """SeqIO vocabulary of sequences that are already unified ids (mixed
     text, image codes and specials, as CM3 training sequences are): encode
     and decode pass the ids through unchanged.
@@ -530,18 +523,6 @@ class UnifiedIdsVocabulary(seqio.Vocabulary):
     @property
     def unified(self) -> vocab_lib.UnifiedVocabulary:
         return self._vocabulary_fn()
-
-    @property
-    def eos_id(self) -> int:
-        return vocab_lib.EOS_ID
-
-    @property
-    def unk_id(self) -> Optional[int]:
-        return None
-
-    @property
-    def _base_vocab_size(self) -> int:
-        return self.unified.size
 
     def _encode(self, s):
         return list(s)
