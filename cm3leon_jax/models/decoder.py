@@ -360,3 +360,78 @@ class Decoder(nn.Module):
         logits = dense(x, w_out)
         return nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+# =========================================================================== decoding with a KV cache
+#
+# A functional forward pass over the same parameter tree, for sampling: the
+# new tokens' keys and values are written into a cache at absolute slots, and
+# attention reads every cached slot that is (a) at or after the row's first
+# real slot (prompts are left-padded) and (b) not after the query's own slot.
+# It computes what `Decoder.__call__` computes (same ops, same order, fp32
+# scores and softmax), so greedy decoding with the cache gives the tokens of
+# re-running the full forward pass at each step (tests/models/test_decoding.py).
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
+    """Zero keys and values [layers, batch, length, heads, head_dim]."""
+    dtype = as_dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+def stacked_layer_params(params: dict, cfg: DecoderConfig) -> dict:
+    """The layers' parameters stacked on a leading [layers] axis (as the
+    scanned layout stores them)."""
+    if cfg.scan_layers:
+        return params["layers"]
+    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+
+
+def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: dict, index):
+    """Logits [B, T, V] of `tokens` [B, T] placed at cache slots
+    [index, index + T), and the updated cache.
+
+    Args:
+      positions: [B, T] position ids (the position table's rows).
+      start: [B] first real slot of each row (slots before it are padding
+        and never attended to).
+      cache: `init_cache` output, [L, B, S, H, K] each.
+      index: scalar slot of tokens[:, 0].
+    """
+    dtype = as_dtype(cfg.dtype)
+    b, t = tokens.shape
+    s = cache["key"].shape[2]
+    x = (jnp.take(params["token_embedding"], tokens, axis=0)
+         + jnp.take(params["position_embedding"], positions, axis=0)).astype(dtype)
+    slots = index + jnp.arange(t)
+    keys = jnp.arange(s)
+    mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+    mask = mask[:, None]  # [B, 1, T, S]
+    eps = cfg.layer_norm_epsilon
+    act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
+    scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
+
+    def layer(x, inputs):
+        p, ck, cv = inputs
+        a, m = p["attention"], p["mlp"]
+        h = layer_norm(x, eps)
+        q = dense(h, a["query"].astype(dtype)) * scale
+        kk = dense(h, a["key"].astype(dtype))
+        v = dense(h, a["value"].astype(dtype))
+        ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        qh, kh, vh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(ck.astype(dtype), 1, 2), jnp.swapaxes(cv.astype(dtype), 1, 2)
+        scores = jnp.einsum("bhqk,bhsk->bhqs", qh, kh).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        ctx = jnp.swapaxes(jnp.einsum("bhqs,bhsk->bhqk", probs, vh), 1, 2)
+        x = x + dense(ctx, a["out"].astype(dtype), contract=2)
+        x = x + dense(act(dense(layer_norm(x, eps), m["wi"].astype(dtype))), m["wo"].astype(dtype))
+        return x, (ck, cv)
+
+    x, (new_k, new_v) = jax.lax.scan(layer, x, (stacked_layer_params(params, cfg), cache["key"], cache["value"]))
+    x = layer_norm(x, eps)
+    logits = dense(x, params["output_projection"].astype(dtype))
+    return logits, {"key": new_k, "value": new_v}

@@ -1,0 +1,179 @@
+"""Jitted sampling with a KV cache: prefill the prompt, then one token per
+step inside `lax.while_loop`, batched, stopping early when every row has
+emitted `<eos>` (PAPER.md, "Decoding").
+
+Guidance runs the conditional and unconditional prompts as one doubled
+batch (rows [0, B) conditional, [B, 2B) unconditional) through the same
+cache; both streams are fed the token chosen from the guided logits.
+
+Token choice per row (`SamplingSettings.decoding`):
+  "greedy"  argmax of the (guided) logits;
+  "top_p"   temperature, then top-k (if > 0) and top-p, then a draw;
+  "cd_k"    argmax of the CD-K scores (expert = conditional, amateur =
+            unconditional stream), needs the unconditional prompt;
+  "mixed"   even rows top_p, odd rows cd_k (the paper's best mix).
+
+The modality constraint (`Constraint`) restricts the ids allowed at each step:
+generating an image allows only image codes for exactly `image_tokens` steps
+and then only `<eos>`; generating text never allows an image code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.models.decoder import DecoderConfig, cached_forward, init_cache
+from cm3leon_jax.sampling import guidance
+
+DECODINGS = ("greedy", "top_p", "cd_k", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    decoding: str = "top_p"
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    cfg_scale: float = 1.0     # alpha_c; used when an unconditional prompt is given
+    cd_alpha: float = 0.1      # assumption: the paper gives neither alpha nor k for CD-K
+    cd_k: int = 5
+
+    def __post_init__(self):
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """Which ids each generated position may take.
+
+    mode "image": `image_tokens` image codes, then `<eos>`; "text": anything
+    but image codes; "none": no constraint."""
+
+    mode: str = "none"
+    image_tokens: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("none", "image", "text"):
+            raise ValueError(f"constraint mode must be none, image or text, got {self.mode!r}")
+        if self.mode == "image" and self.image_tokens < 1:
+            raise ValueError("an image constraint needs image_tokens >= 1")
+
+    def masks(self, vocab: vocab_lib.UnifiedVocabulary, vocab_size: int):
+        """(mask while generating, mask at the end) [V] booleans."""
+        ids = np.arange(vocab_size)
+        image = (ids >= vocab.image_start) & (ids < vocab.text_start)
+        eos = ids == vocab.eos_id
+        if self.mode == "image":
+            return jnp.asarray(image), jnp.asarray(eos)
+        if self.mode == "text":
+            allowed = ~image & (ids != vocab.pad_id)
+            return jnp.asarray(allowed), jnp.asarray(allowed)
+        allowed = ids != vocab.pad_id
+        return jnp.asarray(allowed), jnp.asarray(allowed)
+
+
+def left_pad(prompts, pad_id: int = vocab_lib.PAD_ID, length: Optional[int] = None):
+    """Token lists -> (int32 [B, P] left-padded, starts [B]: first real slot)."""
+    n = max(len(p) for p in prompts) if length is None else length
+    out = np.full((len(prompts), n), pad_id, np.int32)
+    starts = np.zeros(len(prompts), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > n or not len(p):
+            raise ValueError(f"prompt {i} has {len(p)} tokens; prompts need 1 to {n}")
+        out[i, n - len(p):] = p
+        starts[i] = n - len(p)
+    return out, starts
+
+
+def _choose(logits, uncond, settings: SamplingSettings, rng, cd_rows):
+    """Token [B] from guided logits [B, V] (and the amateur's, for CD-K)."""
+    if settings.decoding == "greedy":
+        return jnp.argmax(logits, axis=-1)
+    filtered = guidance.temperature(logits, settings.temperature)
+    if settings.top_k:
+        filtered = guidance.top_k(filtered, settings.top_k)
+    filtered = guidance.top_p(filtered, settings.top_p)
+    sampled = jax.random.categorical(rng, filtered, axis=-1)
+    if settings.decoding == "top_p":
+        return sampled
+    cd = jnp.argmax(guidance.contrastive_scores(logits, uncond, settings.cd_alpha, settings.cd_k), axis=-1)
+    if settings.decoding == "cd_k":
+        return cd
+    return jnp.where(cd_rows, cd, sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "settings", "constraint", "vocab"))
+def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens: int,
+             settings: SamplingSettings = SamplingSettings(), constraint: Constraint = Constraint(),
+             vocab: vocab_lib.UnifiedVocabulary = vocab_lib.UnifiedVocabulary(),
+             uncond_prompts=None, uncond_starts=None):
+    """Samples `max_new_tokens` tokens after each prompt.
+
+    Args:
+      prompts, starts: `left_pad` output, [B, P] and [B].
+      uncond_prompts, uncond_starts: the unconditional stream (same P), for
+        classifier-free guidance and CD-K; None runs unguided.
+
+    Returns (tokens [B, N] int32, padded with <pad> after <eos>; lengths [B]:
+    tokens up to and including <eos>, N where none).
+    """
+    b, p = prompts.shape
+    guided = uncond_prompts is not None
+    if settings.decoding in ("cd_k", "mixed") and not guided:
+        raise ValueError(f"decoding={settings.decoding!r} needs the unconditional prompt (the amateur)")
+    if p + max_new_tokens > cfg.max_length:
+        raise ValueError(f"prompt ({p}) + new tokens ({max_new_tokens}) exceed DecoderConfig.max_length="
+                         f"{cfg.max_length}")
+    toks = jnp.concatenate([prompts, uncond_prompts]) if guided else prompts
+    st = jnp.concatenate([starts, uncond_starts]) if guided else starts
+    rows = toks.shape[0]
+    cache = init_cache(cfg, rows, p + max_new_tokens)
+    positions = jnp.maximum(jnp.arange(p)[None, :] - st[:, None], 0)
+    logits, cache = cached_forward(params, cfg, toks, positions, st, cache, 0)
+    last = logits[:, -1].astype(jnp.float32)
+    gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
+    cd_rows = (jnp.arange(b) % 2) == 1
+    image_steps = constraint.image_tokens if constraint.mode == "image" else max_new_tokens + 1
+
+    def guided_logits(last):
+        if not guided:
+            return last, last
+        cond, uncond = last[:b], last[b:]
+        return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), uncond
+
+    def cond_fn(state):
+        i, _, _, _, _, done = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, last, rng, out, done = state
+        rng, step_rng = jax.random.split(rng)
+        lg, uncond = guided_logits(last)
+        allowed = jnp.where(i < image_steps, gen_mask, end_mask)
+        lg = guidance.restrict(lg, allowed)
+        tok = _choose(lg, guidance.restrict(uncond, allowed), settings, step_rng, cd_rows).astype(jnp.int32)
+        tok = jnp.where(done, vocab.pad_id, tok)
+        out = out.at[:, i].set(tok)
+        done = done | (tok == vocab.eos_id)
+        feed = jnp.concatenate([tok, tok]) if guided else tok
+        pos = (p - st + i)[:, None]
+        new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i)
+        return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done
+
+    out = jnp.full((b, max_new_tokens), vocab.pad_id, jnp.int32)
+    state = (jnp.int32(0), cache, last, rng, out, jnp.zeros((b,), bool))
+    _, _, _, _, out, done = jax.lax.while_loop(cond_fn, body, state)
+    is_eos = out == vocab.eos_id
+    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
+    return out, lengths

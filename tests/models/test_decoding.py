@@ -1,0 +1,115 @@
+"""Decoding with the KV cache (models/decoder.py `cached_forward`,
+sampling/sampler.py `generate`) against the full forward pass re-run at every
+step, and the modality constraint."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig, cached_forward, init_cache
+from cm3leon_jax.sampling import sampler
+
+VOCAB = vocab_lib.UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, image_codebook_size=64,
+                                    text_vocab_size=128)
+
+
+def _model(scan_layers=True, seed=0):
+    cfg = DecoderConfig(vocab_size=VOCAB.size, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=64,
+                        dtype="float32", param_dtype="float32", scan_layers=scan_layers)
+    params = Decoder(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda a: a, __import__("flax").linen.meta.unbox(params))
+    # the output projection is zero-initialised: give it weights so logits differ
+    w = jax.random.normal(jax.random.PRNGKey(seed + 1), params["output_projection"].shape) * 0.5
+    return cfg, dict(params, output_projection=w)
+
+
+def _full_greedy(cfg, params, prompt, n):
+    seq = list(prompt)
+    model = Decoder(cfg)
+    for _ in range(n):
+        logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_forward_equals_the_full_pass(scan_layers):
+    cfg, params = _model(scan_layers)
+    toks = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 4, VOCAB.size)
+    full = Decoder(cfg).apply({"params": params}, toks)
+    cache = init_cache(cfg, 2, 16)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    got, cache = cached_forward(params, cfg, toks, pos, jnp.zeros(2, jnp.int32), cache, 0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5)
+    # prefill 8 then 4 one at a time: the same logits
+    cache = init_cache(cfg, 2, 16)
+    a, cache = cached_forward(params, cfg, toks[:, :8], pos[:, :8], jnp.zeros(2, jnp.int32), cache, 0)
+    steps = [a]
+    for i in range(8, 12):
+        s, cache = cached_forward(params, cfg, toks[:, i:i + 1], pos[:, i:i + 1], jnp.zeros(2, jnp.int32), cache, i)
+        steps.append(s)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
+
+
+def test_greedy_with_cache_equals_greedy_by_full_recompute():
+    cfg, params = _model()
+    prompts = [[10, 70, 80, 2, 90], [100, 101, 2, 65, 66, 67, 68, 69]]  # different lengths: left padding
+    padded, starts = sampler.left_pad(prompts)
+    out, lengths = sampler.generate(params, jnp.asarray(padded), jnp.asarray(starts), jax.random.PRNGKey(0),
+                                    cfg=cfg, max_new_tokens=10, settings=sampler.SamplingSettings("greedy"),
+                                    vocab=VOCAB)
+    for row, prompt in enumerate(prompts):
+        want = _full_greedy(cfg, params, prompt, 10)
+        got = np.asarray(out[row]).tolist()
+        n = int(lengths[row])
+        assert got[:n] == want[:n]
+        if n < 10:  # stopped at <eos>: padding after it
+            assert got[n - 1] == VOCAB.eos_id and all(t == VOCAB.pad_id for t in got[n:])
+
+
+def test_cfg_scale_one_is_the_conditional_stream():
+    cfg, params = _model()
+    cond, cs = sampler.left_pad([[10, 70, 80, 2]])
+    unc, us = sampler.left_pad([[4, 2]], length=4)
+    kw = dict(cfg=cfg, max_new_tokens=6, vocab=VOCAB)
+    plain, _ = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(0),
+                                settings=sampler.SamplingSettings("greedy"), **kw)
+    guided, _ = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(0),
+                                 settings=sampler.SamplingSettings("greedy", cfg_scale=1.0),
+                                 uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us), **kw)
+    assert np.asarray(plain).tolist() == np.asarray(guided).tolist()
+
+
+@pytest.mark.parametrize("decoding", ["top_p", "cd_k", "mixed"])
+def test_images_have_exactly_the_code_count_and_text_has_no_codes(decoding):
+    cfg, params = _model()
+    cond, cs = sampler.left_pad([[100, 101, 102, 2], [110, 2]])
+    unc, us = sampler.left_pad([[4, 2], [4, 2]], length=4)
+    image = sampler.Constraint("image", image_tokens=9)
+    for seed in range(4):
+        settings = sampler.SamplingSettings(decoding, cfg_scale=3.0, temperature=1.5)
+        out, lengths = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(seed),
+                                        cfg=cfg, max_new_tokens=12, settings=settings, constraint=image,
+                                        vocab=VOCAB, uncond_prompts=jnp.asarray(unc),
+                                        uncond_starts=jnp.asarray(us))
+        out = np.asarray(out)
+        assert np.asarray(lengths).tolist() == [10, 10]
+        assert VOCAB.is_image(out[:, :9]).all() and (out[:, 9] == VOCAB.eos_id).all()
+        assert (out[:, 10:] == VOCAB.pad_id).all()
+        text, _ = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(seed),
+                                   cfg=cfg, max_new_tokens=12, settings=settings,
+                                   constraint=sampler.Constraint("text"), vocab=VOCAB,
+                                   uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us))
+        assert not VOCAB.is_image(np.asarray(text)).any()
+
+
+def test_same_seed_same_tokens():
+    cfg, params = _model()
+    cond, cs = sampler.left_pad([[100, 101, 102, 2]])
+    run = lambda s: np.asarray(sampler.generate(  # noqa: E731
+        params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(s), cfg=cfg, max_new_tokens=8,
+        settings=sampler.SamplingSettings("top_p", temperature=2.0, top_p=1.0), vocab=VOCAB)[0]).tolist()
+    assert run(1) == run(1) and run(1) != run(2)
