@@ -399,12 +399,16 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         and never attended to).
       cache: `init_cache` output, [L, B, S, H, K] each.
       index: scalar slot of tokens[:, 0].
+
+    `params` may be the float tree or its `quantize.quantize_params` int8 copy.
     """
     dtype = as_dtype(cfg.dtype)
     b, t = tokens.shape
     s = cache["key"].shape[2]
-    x = (jnp.take(params["token_embedding"], tokens, axis=0)
-         + jnp.take(params["position_embedding"], positions, axis=0)).astype(dtype)
+    from cm3leon_jax.models import quantize as q_lib  # int8 weights (--quantize=int8) or float
+
+    x = (q_lib.take_rows(params["token_embedding"], tokens)
+         + q_lib.take_rows(params["position_embedding"], positions)).astype(dtype)
     slots = index + jnp.arange(t)
     keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
@@ -417,9 +421,9 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         p, ck, cv = inputs
         a, m = p["attention"], p["mlp"]
         h = layer_norm(x, eps)
-        q = dense(h, a["query"].astype(dtype)) * scale
-        kk = dense(h, a["key"].astype(dtype))
-        v = dense(h, a["value"].astype(dtype))
+        q = q_lib.matmul(h, a["query"], 1, dtype) * scale
+        kk = q_lib.matmul(h, a["key"], 1, dtype)
+        v = q_lib.matmul(h, a["value"], 1, dtype)
         ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
         qh, kh, vh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(ck.astype(dtype), 1, 2), jnp.swapaxes(cv.astype(dtype), 1, 2)
@@ -427,11 +431,11 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         ctx = jnp.swapaxes(jnp.einsum("bhqs,bhsk->bhqk", probs, vh), 1, 2)
-        x = x + dense(ctx, a["out"].astype(dtype), contract=2)
-        x = x + dense(act(dense(layer_norm(x, eps), m["wi"].astype(dtype))), m["wo"].astype(dtype))
+        x = x + q_lib.matmul(ctx, a["out"], 2, dtype)
+        x = x + q_lib.matmul(act(q_lib.matmul(layer_norm(x, eps), m["wi"], 1, dtype)), m["wo"], 1, dtype)
         return x, (ck, cv)
 
     x, (new_k, new_v) = jax.lax.scan(layer, x, (stacked_layer_params(params, cfg), cache["key"], cache["value"]))
     x = layer_norm(x, eps)
-    logits = dense(x, params["output_projection"].astype(dtype))
+    logits = q_lib.matmul(x, params["output_projection"], 1, dtype)
     return logits, {"key": new_k, "value": new_v}
