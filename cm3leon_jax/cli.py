@@ -190,6 +190,45 @@ def _add_task_data(sub):
     p.set_defaults(func=cmd_task_data)
 
 
+def _add_generate(sub):
+    p = sub.add_parser(
+        "generate", help="sample images for text prompts (or text for an image) with a trained model",
+        description="Text -> image: for each prompt, --num_samples samples (one batch, a jitted KV-cache "
+                    "decoder), with classifier-free guidance (--cfg_scale; the unconditional stream is the "
+                    "prompt with its text replaced by <mask>), top-p or contrastive decoding (CD-K) or "
+                    "both (mixed: half each), optional retrieval (--num_retrieved) from the training "
+                    "task's memory bank, reranked by CLIP; writes PNGs, grid.png and samples.json. "
+                    "Image -> text: --image=PATH [--prompt='Question: ...'] prints the generated text "
+                    "(captioning, VQA). The VQ-GAN, BPE and CLIP come from the training data's manifest "
+                    "unless given.",
+        epilog="Example: cm3leon generate --model_dir=/tmp/tiny --prompt='a red circle above a blue square' "
+               "--num_samples=8 --decoding=mixed --cfg_scale=3 --num_retrieved=2 --out=/tmp/samples",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="a `cm3leon train` model dir")
+    p.add_argument("--prompt", default=None, help="text prompt (or the question, with --image)")
+    p.add_argument("--prompts_file", default=None, help="one prompt per line")
+    p.add_argument("--image", default=None, help="image -> text: the input image")
+    p.add_argument("--num_samples", type=int, default=8, help="samples per prompt (one batch)")
+    p.add_argument("--keep", type=int, default=None, help="write only the best K by CLIP score")
+    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed")
+    p.add_argument("--cfg_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
+    p.add_argument("--cd_alpha", type=float, default=0.1, help="CD-K: allowed if p >= alpha * kmax(p)")
+    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax")
+    p.add_argument("--num_retrieved", type=int, default=0, help="documents retrieved for the prompt")
+    p.add_argument("--max_text_tokens", type=int, default=64, help="image -> text: tokens generated at most")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output dir (text -> image)")
+    p.add_argument("--vqgan_dir", default=None, help="override the VQ-GAN of the training data")
+    p.add_argument("--text_tokenizer", default=None, help="override the BPE of the training data")
+    p.add_argument("--clip_dir", default=None, help="override the CLIP of the training data")
+    p.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir (bank and index for retrieval)")
+    p.set_defaults(func=cmd_generate)
+
+
 def _add_index(sub):
     p = sub.add_parser("index", help="build, query and use the MIPS index over a memory bank",
                        description="The retrieval index (ScaNN or exact) over a bank from `cm3leon embed`.")
@@ -263,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_task_data(sub)
     _add_index(sub)
+    _add_generate(sub)
     _add_clip(sub)
     return parser
 
@@ -428,6 +468,48 @@ def cmd_task_data(args, gin_bindings: List[str]) -> int:
                                      records_per_shard=args.records_per_shard, progress=not args.no_progress)
 
     return _run_resumable(job, "stages")
+
+
+def cmd_generate(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    import os
+
+    try:
+        prompts = []
+        if args.prompt is not None and args.image is None:
+            prompts.append(args.prompt)
+        if args.prompts_file:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        if args.image is None and not prompts:
+            raise ValueError("nothing to generate: give --prompt, --prompts_file or --image")
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+        if args.image is None and not args.out:
+            raise ValueError("--out is required for text -> image")
+        from cm3leon_jax.sampling import generate as gen_lib
+        from cm3leon_jax.sampling.sampler import SamplingSettings
+
+        settings = SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, cfg_scale=args.cfg_scale, cd_alpha=args.cd_alpha,
+                                    cd_k=args.cd_k)
+        bundle = gen_lib.load_model(args.model_dir, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
+                                    args.data_dir)
+        g = gen_lib.Generator(bundle, quantize=args.quantize)
+        if args.image is not None:
+            from cm3leon_jax.data.images import load_image
+
+            image = load_image(args.image, g.vq.resolution)
+            text = g.text_from_image(image, args.prompt or "", settings, args.seed, args.max_text_tokens)
+            print(json.dumps({"image": args.image, "prompt": args.prompt, "text": text}), flush=True)
+            return 0
+        report = gen_lib.write_samples(g, prompts, args.out, settings, num_samples=args.num_samples,
+                                       seed=args.seed, num_retrieved=args.num_retrieved, keep=args.keep)
+    except (ValueError, OSError) as e:
+        return _input_error(e)
+    print(json.dumps({"out": os.path.abspath(args.out), "prompts": len(prompts),
+                      "images": sum(len(r["samples"]) for r in report)}), flush=True)
+    return 0
 
 
 def cmd_embed(args, gin_bindings: List[str]) -> int:

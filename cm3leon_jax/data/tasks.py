@@ -362,6 +362,7 @@ def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[Pat
             raise ValueError(f"a SeqIO task or mixture named {name!r} is already registered "
                              "(pass replace=True to redefine it)")
         seqio.TaskRegistry.remove(name)
+    _PATHS[name] = (prepared_dir, index_dir)
     settings = dict(validation_fraction=float(validation_fraction), num_retrieved=int(num_retrieved),
                     num_sets=int(num_sets), image_first_prob=float(image_first_prob),
                     query_dropout=bool(query_dropout))
@@ -378,6 +379,30 @@ def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[Pat
         output_features={"targets": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)},
         shuffle_buffer_size=shuffle_buffer_size,
     )
+
+
+_PATHS: Dict[str, tuple] = {}
+
+
+def task_paths(name: str) -> Optional[tuple]:
+    """(prepared dir, bank dir or None) of a registered CM3 task, or of the
+    first task of a mixture that has a bank (the first task otherwise);
+    None for other tasks or when a path cannot be resolved (e.g. an unset
+    corpus_data_dir)."""
+    from cm3leon_jax.data import pipeline
+
+    pipeline.import_task_modules()
+    names = [name]
+    if name in seqio.MixtureRegistry.names():
+        names = [t.name for t in seqio.get_mixture_or_task(name).tasks]
+    found = [_PATHS[n] for n in names if n in _PATHS]
+    found.sort(key=lambda pi: pi[1] is None)
+    for prepared, index in found:
+        try:
+            return _resolve(prepared), _resolve(index)
+        except ValueError:
+            continue
+    return None
 
 
 def _vocabulary_of(data_fn) -> vocab_lib.UnifiedVocabulary:
