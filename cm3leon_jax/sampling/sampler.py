@@ -58,10 +58,12 @@ class Constraint:
     """Which ids each generated position may take.
 
     mode "image": `image_tokens` image codes, then `<eos>`; "text": anything
-    but image codes; "none": no constraint."""
+    but image codes; "none": no constraint. `allow_eos=False` (text and none)
+    forbids `<eos>`, for fixed-length generation."""
 
     mode: str = "none"
     image_tokens: int = 0
+    allow_eos: bool = True
 
     def __post_init__(self):
         if self.mode not in ("none", "image", "text"):
@@ -76,10 +78,11 @@ class Constraint:
         eos = ids == vocab.eos_id
         if self.mode == "image":
             return jnp.asarray(image), jnp.asarray(eos)
-        if self.mode == "text":
-            allowed = ~image & (ids != vocab.pad_id)
-            return jnp.asarray(allowed), jnp.asarray(allowed)
         allowed = ids != vocab.pad_id
+        if self.mode == "text":
+            allowed &= ~image
+        if not self.allow_eos:
+            allowed &= ~eos
         return jnp.asarray(allowed), jnp.asarray(allowed)
 
 
