@@ -373,6 +373,14 @@ class Decoder(nn.Module):
 # re-running the full forward pass at each step (tests/models/test_decoding.py).
 
 
+DECODE_BUCKET = 256  # the sampler attends over the cache in lengths of whole buckets
+
+
+def cache_length(length: int) -> int:
+    """`length` rounded up to whole DECODE_BUCKETs."""
+    return -(-length // DECODE_BUCKET) * DECODE_BUCKET
+
+
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
     """Zero keys and values [layers, batch, length, heads, head_dim]."""
     dtype = as_dtype(dtype or cfg.dtype)
@@ -389,7 +397,8 @@ def stacked_layer_params(params: dict, cfg: DecoderConfig) -> dict:
     return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
-def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: dict, index):
+def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: dict, index,
+                   attend_len: Optional[int] = None):
     """Logits [B, T, V] of `tokens` [B, T] placed at cache slots
     [index, index + T), and the updated cache.
 
@@ -399,33 +408,45 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         and never attended to).
       cache: `init_cache` output, [L, B, S, H, K] each.
       index: scalar slot of tokens[:, 0].
+      attend_len: static; attend to cache slots [0, attend_len) only (all of
+        them by default). The caller guarantees index + T <= attend_len; the
+        sampler grows it in DECODE_BUCKET steps so that a step reads about
+        the filled part of the cache, not all of it.
 
     `params` may be the float tree or its `quantize.quantize_params` int8 copy.
     """
     dtype = as_dtype(cfg.dtype)
     b, t = tokens.shape
     s = cache["key"].shape[2]
+    attend = s if attend_len is None else int(attend_len)
     from cm3leon_jax.models import quantize as q_lib  # int8 weights (--quantize=int8) or float
 
     x = (q_lib.take_rows(params["token_embedding"], tokens)
          + q_lib.take_rows(params["position_embedding"], positions)).astype(dtype)
     slots = index + jnp.arange(t)
-    keys = jnp.arange(s)
+    keys = jnp.arange(attend)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     mask = mask[:, None]  # [B, 1, T, S]
     eps = cfg.layer_norm_epsilon
     act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
     scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
 
-    def layer(x, inputs):
-        p, ck, cv = inputs
+    stacked = stacked_layer_params(params, cfg)
+
+    def layer(l, carry):
+        # The cache is the loop carry, updated in place (one step's keys and
+        # values written per layer); scanning over it as xs/ys copies it.
+        x, ck_all, cv_all = carry
+        p = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, l, keepdims=False), stacked)
         a, m = p["attention"], p["mlp"]
         h = layer_norm(x, eps)
         q = q_lib.matmul(h, a["query"], 1, dtype) * scale
         kk = q_lib.matmul(h, a["key"], 1, dtype)
         v = q_lib.matmul(h, a["value"], 1, dtype)
-        ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        ck_all = jax.lax.dynamic_update_slice(ck_all, kk[None].astype(ck_all.dtype), (l, 0, index, 0, 0))
+        cv_all = jax.lax.dynamic_update_slice(cv_all, v[None].astype(cv_all.dtype), (l, 0, index, 0, 0))
+        ck = jax.lax.dynamic_index_in_dim(ck_all, l, keepdims=False)[:, :attend]
+        cv = jax.lax.dynamic_index_in_dim(cv_all, l, keepdims=False)[:, :attend]
         qh, kh, vh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(ck.astype(dtype), 1, 2), jnp.swapaxes(cv.astype(dtype), 1, 2)
         scores = jnp.einsum("bhqk,bhsk->bhqs", qh, kh).astype(jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -433,9 +454,9 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         ctx = jnp.swapaxes(jnp.einsum("bhqs,bhsk->bhqk", probs, vh), 1, 2)
         x = x + q_lib.matmul(ctx, a["out"], 2, dtype)
         x = x + q_lib.matmul(act(q_lib.matmul(layer_norm(x, eps), m["wi"], 1, dtype)), m["wo"], 1, dtype)
-        return x, (ck, cv)
+        return x, ck_all, cv_all
 
-    x, (new_k, new_v) = jax.lax.scan(layer, x, (stacked_layer_params(params, cfg), cache["key"], cache["value"]))
+    x, new_k, new_v = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, cache["key"], cache["value"]))
     x = layer_norm(x, eps)
     logits = q_lib.matmul(x, params["output_projection"], 1, dtype)
     return logits, {"key": new_k, "value": new_v}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import DecoderConfig, cached_forward, init_cache
+from cm3leon_jax.models.decoder import DECODE_BUCKET, DecoderConfig, cache_length, cached_forward, init_cache
 from cm3leon_jax.sampling import guidance
 
 DECODINGS = ("greedy", "top_p", "cd_k", "mixed")
@@ -116,17 +116,41 @@ def _choose(logits, uncond, settings: SamplingSettings, rng, cd_rows):
     return jnp.where(cd_rows, cd, sampled)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "settings", "constraint", "vocab"))
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
+def decoding_shardings(cfg: DecoderConfig, mesh, rules=None):
+    """(param NamedShardings, KV-cache NamedSharding) from the training
+    partitioning rules (partitioning.py): the params as the trainer shards
+    them, the cache [layers, batch, length, heads, head_dim] like the
+    attention activations (batch over data/fsdp, heads over model)."""
+    import flax.linen as nn
+
+    from cm3leon_jax import partitioning
+    from cm3leon_jax.models.decoder import Decoder
+
+    rules = partitioning.logical_axis_rules() if rules is None else rules
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = partitioning.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
+    cache = partitioning.logical_to_shardings(jax.sharding.PartitionSpec(*CACHE_AXES), mesh, rules)
+    return params, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "settings", "constraint", "vocab",
+                                             "cache_sharding"))
 def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens: int,
              settings: SamplingSettings = SamplingSettings(), constraint: Constraint = Constraint(),
              vocab: vocab_lib.UnifiedVocabulary = vocab_lib.UnifiedVocabulary(),
-             uncond_prompts=None, uncond_starts=None):
+             uncond_prompts=None, uncond_starts=None, cache_sharding=None):
     """Samples `max_new_tokens` tokens after each prompt.
 
     Args:
       prompts, starts: `left_pad` output, [B, P] and [B].
       uncond_prompts, uncond_starts: the unconditional stream (same P), for
         classifier-free guidance and CD-K; None runs unguided.
+      cache_sharding: the KV cache's NamedSharding (`decoding_shardings`);
+        with params placed by the same function, decoding runs sharded over
+        the training mesh.
 
     Returns (tokens [B, N] int32, padded with <pad> after <eos>; lengths [B]:
     tokens up to and including <eos>, N where none).
@@ -141,9 +165,17 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     toks = jnp.concatenate([prompts, uncond_prompts]) if guided else prompts
     st = jnp.concatenate([starts, uncond_starts]) if guided else starts
     rows = toks.shape[0]
-    cache = init_cache(cfg, rows, p + max_new_tokens)
+    cache = init_cache(cfg, rows, cache_length(p + max_new_tokens))
+
+    def constrain(c):
+        if cache_sharding is None:
+            return c
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding), c)
+
+    cache = constrain(cache)
     positions = jnp.maximum(jnp.arange(p)[None, :] - st[:, None], 0)
     logits, cache = cached_forward(params, cfg, toks, positions, st, cache, 0)
+    cache = constrain(cache)
     last = logits[:, -1].astype(jnp.float32)
     gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
     cd_rows = (jnp.arange(b) % 2) == 1
@@ -155,28 +187,46 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         cond, uncond = last[:b], last[b:]
         return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), uncond
 
-    def cond_fn(state):
-        i, _, _, _, _, done = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def make_loop(attend):
+        # steps i feed slot p + i, so this segment (attending to slots [0,
+        # attend)) runs them while p + i < attend
+        stop = min(max_new_tokens, attend - p)
 
-    def body(state):
-        i, cache, last, rng, out, done = state
-        rng, step_rng = jax.random.split(rng)
-        lg, uncond = guided_logits(last)
-        allowed = jnp.where(i < image_steps, gen_mask, end_mask)
-        lg = guidance.restrict(lg, allowed)
-        tok = _choose(lg, guidance.restrict(uncond, allowed), settings, step_rng, cd_rows).astype(jnp.int32)
-        tok = jnp.where(done, vocab.pad_id, tok)
-        out = out.at[:, i].set(tok)
-        done = done | (tok == vocab.eos_id)
-        feed = jnp.concatenate([tok, tok]) if guided else tok
-        pos = (p - st + i)[:, None]
-        new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i)
-        return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done
+        def cond_fn(state):
+            i, _, _, _, _, done = state
+            return (i < stop) & ~jnp.all(done)
+
+        def body(state):
+            i, cache, last, rng, out, done = state
+            rng, step_rng = jax.random.split(rng)
+            lg, uncond = guided_logits(last)
+            allowed = jnp.where(i < image_steps, gen_mask, end_mask)
+            lg = guidance.restrict(lg, allowed)
+            tok = _choose(lg, guidance.restrict(uncond, allowed), settings, step_rng, cd_rows).astype(jnp.int32)
+            tok = jnp.where(done, vocab.pad_id, tok)
+            out = out.at[:, i].set(tok)
+            done = done | (tok == vocab.eos_id)
+            feed = jnp.concatenate([tok, tok]) if guided else tok
+            pos = (p - st + i)[:, None]
+            new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, attend_len=attend)
+            cache = constrain(cache)
+            return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done
+
+        return lambda state: jax.lax.while_loop(cond_fn, body, state)
 
     out = jnp.full((b, max_new_tokens), vocab.pad_id, jnp.int32)
     state = (jnp.int32(0), cache, last, rng, out, jnp.zeros((b,), bool))
-    _, _, _, _, out, done = jax.lax.while_loop(cond_fn, body, state)
+    # The cache grows in DECODE_BUCKET-slot segments, one while_loop each, so
+    # a step's attention reads about the filled part of the cache (the
+    # attention length is static inside a loop).
+    total = cache["key"].shape[2]
+    attend = cache_length(p + 1)
+    while True:
+        state = make_loop(min(attend, total))(state)
+        if attend >= min(total, p + max_new_tokens):
+            break
+        attend += DECODE_BUCKET
+    out = state[4]
     is_eos = out == vocab.eos_id
     lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
     return out, lengths

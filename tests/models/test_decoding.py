@@ -113,3 +113,46 @@ def test_same_seed_same_tokens():
         params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(s), cfg=cfg, max_new_tokens=8,
         settings=sampler.SamplingSettings("top_p", temperature=2.0, top_p=1.0), vocab=VOCAB)[0]).tolist()
     assert run(1) == run(1) and run(1) != run(2)
+
+
+SHARDED_PROBE = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+from cm3leon_jax import partitioning, vocab as vocab_lib
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.sampling import sampler
+V = vocab_lib.UnifiedVocabulary(64, 32, 64, 128)
+cfg = DecoderConfig(vocab_size=V.size, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=64)
+params = nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+params["output_projection"] = jax.random.normal(jax.random.PRNGKey(1), params["output_projection"].shape)
+prompts, starts = sampler.left_pad([[10, 70, 2], [100, 101, 2, 65], [90, 2], [80, 81, 82, 2, 70]])
+kw = dict(cfg=cfg, max_new_tokens=8, settings=sampler.SamplingSettings("greedy"), vocab=V)
+plain = np.asarray(sampler.generate(params, jnp.asarray(prompts), jnp.asarray(starts), jax.random.PRNGKey(0), **kw)[0])
+mesh = partitioning.create_mesh(data=2, fsdp=2, model=2)
+ps, cs = sampler.decoding_shardings(cfg, mesh)
+sharded_params = jax.device_put(params, ps)
+with jax.set_mesh(mesh):
+    out = sampler.generate(sharded_params, jnp.asarray(prompts), jnp.asarray(starts), jax.random.PRNGKey(0),
+                           cache_sharding=cs, **kw)[0]
+wq = sharded_params["layers"]["attention"]["query"]
+print(json.dumps({"devices": jax.device_count(), "equal": np.asarray(out).tolist() == plain.tolist(),
+                  "query_shards": len({str(s.index) for s in wq.addressable_shards}),
+                  "cache_spec": str(cs.spec)}))
+"""
+
+
+def test_sharded_decoding_over_the_training_mesh_matches_one_device():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_PROBE], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8 and out["equal"]
+    assert out["query_shards"] > 1                       # the params really are split
+    assert "model" in out["cache_spec"]                  # heads over the model axis
