@@ -99,8 +99,9 @@ def left_pad(prompts, pad_id: int = vocab_lib.PAD_ID, length: Optional[int] = No
     return out, starts
 
 
-def _choose(logits, uncond, settings: SamplingSettings, rng, cd_rows):
-    """Token [B] from guided logits [B, V] (and the amateur's, for CD-K)."""
+def _choose(logits, cond, uncond, settings: SamplingSettings, rng, cd_rows):
+    """Token [B]: greedy / top-p from the guided logits [B, V]; CD-K from the
+    conditional (expert) and unconditional (amateur) streams' logits."""
     if settings.decoding == "greedy":
         return jnp.argmax(logits, axis=-1)
     filtered = guidance.temperature(logits, settings.temperature)
@@ -110,7 +111,7 @@ def _choose(logits, uncond, settings: SamplingSettings, rng, cd_rows):
     sampled = jax.random.categorical(rng, filtered, axis=-1)
     if settings.decoding == "top_p":
         return sampled
-    cd = jnp.argmax(guidance.contrastive_scores(logits, uncond, settings.cd_alpha, settings.cd_k), axis=-1)
+    cd = jnp.argmax(guidance.contrastive_scores(cond, uncond, settings.cd_alpha, settings.cd_k), axis=-1)
     if settings.decoding == "cd_k":
         return cd
     return jnp.where(cd_rows, cd, sampled)
@@ -182,10 +183,11 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     image_steps = constraint.image_tokens if constraint.mode == "image" else max_new_tokens + 1
 
     def guided_logits(last):
+        """(guided, conditional, unconditional) logits [B, V]."""
         if not guided:
-            return last, last
+            return last, last, last
         cond, uncond = last[:b], last[b:]
-        return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), uncond
+        return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), cond, uncond
 
     def make_loop(attend):
         # steps i feed slot p + i, so this segment (attending to slots [0,
@@ -199,10 +201,10 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         def body(state):
             i, cache, last, rng, out, done = state
             rng, step_rng = jax.random.split(rng)
-            lg, uncond = guided_logits(last)
+            lg, cond, uncond = guided_logits(last)
             allowed = jnp.where(i < image_steps, gen_mask, end_mask)
-            lg = guidance.restrict(lg, allowed)
-            tok = _choose(lg, guidance.restrict(uncond, allowed), settings, step_rng, cd_rows).astype(jnp.int32)
+            tok = _choose(guidance.restrict(lg, allowed), guidance.restrict(cond, allowed),
+                          guidance.restrict(uncond, allowed), settings, step_rng, cd_rows).astype(jnp.int32)
             tok = jnp.where(done, vocab.pad_id, tok)
             out = out.at[:, i].set(tok)
             done = done | (tok == vocab.eos_id)

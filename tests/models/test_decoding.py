@@ -156,3 +156,16 @@ def test_sharded_decoding_over_the_training_mesh_matches_one_device():
     assert out["devices"] == 8 and out["equal"]
     assert out["query_shards"] > 1                       # the params really are split
     assert "model" in out["cache_spec"]                  # heads over the model axis
+
+
+def test_cd_k_uses_the_raw_streams_not_the_guided_logits():
+    # CD-K's expert is the conditional stream itself: the CFG scale (which
+    # only shapes the top-p samples) must not change what CD-K picks
+    cfg, params = _model()
+    cond, cs = sampler.left_pad([[100, 101, 102, 2], [110, 2]])
+    unc, us = sampler.left_pad([[4, 2], [4, 2]], length=4)
+    run = lambda scale: np.asarray(sampler.generate(  # noqa: E731
+        params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(0), cfg=cfg, max_new_tokens=6,
+        settings=sampler.SamplingSettings("cd_k", cfg_scale=scale), vocab=VOCAB,
+        uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us))[0]).tolist()
+    assert run(1.0) == run(7.0)
