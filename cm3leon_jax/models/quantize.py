@@ -93,5 +93,4 @@ def take_rows(leaf, ids):
 
 
 def weight_bytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-                   for x in jax.tree.leaves(tree)))
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))

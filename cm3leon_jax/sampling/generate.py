@@ -134,11 +134,10 @@ class Generator:
         from cm3leon_jax.data.tokenizers import TextTokenizer
         from cm3leon_jax.models.image_tokenizer import ImageTokenizer
 
-        self.b = bundle
-        params = {k: jnp.asarray(v) if not isinstance(v, dict) else v for k, v in bundle.params.items()}
         import jax
 
-        params = jax.tree.map(jnp.asarray, params)
+        self.b = bundle
+        params = jax.tree.map(jnp.asarray, bundle.params)
         if quantize == "int8":
             from cm3leon_jax.models.quantize import quantize_params
 
