@@ -373,7 +373,7 @@ class Decoder(nn.Module):
 # re-running the full forward pass at each step (tests/models/test_decoding.py).
 
 
-DECODE_BUCKET = 256  # the sampler attends over the cache in lengths of whole buckets
+DECODE_BUCKET = 128  # the sampler grows the KV cache in whole buckets of slots
 
 
 def cache_length(length: int) -> int:
@@ -381,24 +381,47 @@ def cache_length(length: int) -> int:
     return -(-length // DECODE_BUCKET) * DECODE_BUCKET
 
 
-def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> dict:
-    """Zero keys and values [layers, batch, length, heads, head_dim]."""
+# The KV cache is one {"key", "value"} pair per layer, each [batch, heads,
+# slots, head_dim]. Measured on XLA:CPU (benchmarks/RESULTS.md, sampler):
+# with the slots axis next to head_dim, a step's q.K and p.V are plain
+# batched matrix-vector products over contiguous rows; the [B, S, H, K]
+# layout made XLA transpose the whole cache in every layer of every step
+# (9x slower attention), and a stacked [L, ...] cache carried through a
+# fori_loop over layers cost another 1.7x (per-layer slices of the carry).
+CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> tuple:
+    """Zero keys and values: a tuple of num_layers {"key", "value"} dicts,
+    each [batch, heads, length, head_dim]."""
     dtype = as_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    shape = (batch, cfg.num_heads, length, cfg.head_dim)
+    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
 
 
-def stacked_layer_params(params: dict, cfg: DecoderConfig) -> dict:
-    """The layers' parameters stacked on a leading [layers] axis (as the
-    scanned layout stores them)."""
-    if cfg.scan_layers:
-        return params["layers"]
-    layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
-    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+def grow_cache(cache: tuple, length: int) -> tuple:
+    """The cache with zero slots appended up to `length` (a copy; the
+    sampler does it once per DECODE_BUCKET steps)."""
+    def grow(a):
+        extra = length - a.shape[2]
+        if extra < 0:
+            raise ValueError(f"grow_cache: cannot shrink a cache of {a.shape[2]} slots to {length}")
+        return jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else a
+    return jax.tree.map(grow, cache)
 
 
-def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: dict, index,
-                   attend_len: Optional[int] = None):
+def layer_params(params: dict, cfg: DecoderConfig) -> list:
+    """One parameter tree per layer, from either layout (scanned: static
+    slices of the stacked [layers, ...] leaves, int8 leaves included).
+
+    Called inside a jitted sampler before its decoding loop, the slices are
+    made once per call, not once per step."""
+    if not cfg.scan_layers:
+        return [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+    return [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(cfg.num_layers)]
+
+
+def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: tuple, index, layers=None):
     """Logits [B, T, V] of `tokens` [B, T] placed at cache slots
     [index, index + T), and the updated cache.
 
@@ -406,57 +429,52 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
       positions: [B, T] position ids (the position table's rows).
       start: [B] first real slot of each row (slots before it are padding
         and never attended to).
-      cache: `init_cache` output, [L, B, S, H, K] each.
-      index: scalar slot of tokens[:, 0].
-      attend_len: static; attend to cache slots [0, attend_len) only (all of
-        them by default). The caller guarantees index + T <= attend_len; the
-        sampler grows it in DECODE_BUCKET steps so that a step reads about
-        the filled part of the cache, not all of it.
+      cache: `init_cache` output; its slot count S is what the tokens attend
+        over (slots after index + T are masked). The sampler sizes it to the
+        filled part rounded up to a DECODE_BUCKET (`grow_cache`), so a step
+        reads about what has been written, not the whole final cache.
+      index: scalar slot of tokens[:, 0]; index + T <= S.
+      layers: `layer_params(params, cfg)` if the caller has it already.
 
-    `params` may be the float tree or its `quantize.quantize_params` int8 copy.
+    The layers are unrolled (a Python loop): each layer's cache entry is its
+    own buffer, updated in place. `params` may be the float tree or its
+    `quantize.quantize_params` int8 copy.
     """
-    dtype = as_dtype(cfg.dtype)
-    b, t = tokens.shape
-    s = cache["key"].shape[2]
-    attend = s if attend_len is None else int(attend_len)
     from cm3leon_jax.models import quantize as q_lib  # int8 weights (--quantize=int8) or float
 
+    dtype = as_dtype(cfg.dtype)
+    t = tokens.shape[1]
+    s = cache[0]["key"].shape[2]
     x = (q_lib.take_rows(params["token_embedding"], tokens)
          + q_lib.take_rows(params["position_embedding"], positions)).astype(dtype)
     slots = index + jnp.arange(t)
-    keys = jnp.arange(attend)
+    keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     mask = mask[:, None]  # [B, 1, T, S]
     eps = cfg.layer_norm_epsilon
     act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
     scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
+    layers = layer_params(params, cfg) if layers is None else layers
 
-    stacked = stacked_layer_params(params, cfg)
+    def heads_first(y):  # [B, T, H, K] -> [B, H, T, K]
+        return jnp.swapaxes(y, 1, 2)
 
-    def layer(l, carry):
-        # The cache is the loop carry, updated in place (one step's keys and
-        # values written per layer); scanning over it as xs/ys copies it.
-        x, ck_all, cv_all = carry
-        p = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, l, keepdims=False), stacked)
+    new_cache = []
+    for p, c in zip(layers, cache):
         a, m = p["attention"], p["mlp"]
         h = layer_norm(x, eps)
-        q = q_lib.matmul(h, a["query"], 1, dtype) * scale
-        kk = q_lib.matmul(h, a["key"], 1, dtype)
-        v = q_lib.matmul(h, a["value"], 1, dtype)
-        ck_all = jax.lax.dynamic_update_slice(ck_all, kk[None].astype(ck_all.dtype), (l, 0, index, 0, 0))
-        cv_all = jax.lax.dynamic_update_slice(cv_all, v[None].astype(cv_all.dtype), (l, 0, index, 0, 0))
-        ck = jax.lax.dynamic_index_in_dim(ck_all, l, keepdims=False)[:, :attend]
-        cv = jax.lax.dynamic_index_in_dim(cv_all, l, keepdims=False)[:, :attend]
-        qh, kh, vh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(ck.astype(dtype), 1, 2), jnp.swapaxes(cv.astype(dtype), 1, 2)
-        scores = jnp.einsum("bhqk,bhsk->bhqs", qh, kh).astype(jnp.float32)
+        q = heads_first(q_lib.matmul(h, a["query"], 1, dtype) * scale)
+        kk = heads_first(q_lib.matmul(h, a["key"], 1, dtype)).astype(c["key"].dtype)
+        v = heads_first(q_lib.matmul(h, a["value"], 1, dtype)).astype(c["value"].dtype)
+        ck = jax.lax.dynamic_update_slice(c["key"], kk, (0, 0, index, 0))
+        cv = jax.lax.dynamic_update_slice(c["value"], v, (0, 0, index, 0))
+        new_cache.append({"key": ck, "value": cv})
+        scores = jnp.einsum("bhtk,bhsk->bhts", q, ck.astype(dtype)).astype(jnp.float32)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        ctx = jnp.swapaxes(jnp.einsum("bhqs,bhsk->bhqk", probs, vh), 1, 2)
+        ctx = jnp.swapaxes(jnp.einsum("bhts,bhsk->bhtk", probs, cv.astype(dtype)), 1, 2)
         x = x + q_lib.matmul(ctx, a["out"], 2, dtype)
         x = x + q_lib.matmul(act(q_lib.matmul(layer_norm(x, eps), m["wi"], 1, dtype)), m["wo"], 1, dtype)
-        return x, ck_all, cv_all
-
-    x, new_k, new_v = jax.lax.fori_loop(0, cfg.num_layers, layer, (x, cache["key"], cache["value"]))
     x = layer_norm(x, eps)
     logits = q_lib.matmul(x, params["output_projection"], 1, dtype)
-    return logits, {"key": new_k, "value": new_v}
+    return logits, tuple(new_cache)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import DECODE_BUCKET, DecoderConfig, cache_length, cached_forward, init_cache
+from cm3leon_jax.models.decoder import (CACHE_AXES, DECODE_BUCKET, DecoderConfig, cache_length, cached_forward,
+                                        grow_cache, init_cache, layer_params)
 from cm3leon_jax.sampling import guidance
 
 DECODINGS = ("greedy", "top_p", "cd_k", "mixed")
@@ -117,13 +118,10 @@ def _choose(logits, cond, uncond, settings: SamplingSettings, rng, cd_rows):
     return jnp.where(cd_rows, cd, sampled)
 
 
-CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_heads", "activation_kv")
-
-
 def decoding_shardings(cfg: DecoderConfig, mesh, rules=None):
     """(param NamedShardings, KV-cache NamedSharding) from the training
     partitioning rules (partitioning.py): the params as the trainer shards
-    them, the cache [layers, batch, length, heads, head_dim] like the
+    them, each layer's cache entry [batch, heads, length, head_dim] like the
     attention activations (batch over data/fsdp, heads over model)."""
     import flax.linen as nn
 
@@ -166,16 +164,20 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     toks = jnp.concatenate([prompts, uncond_prompts]) if guided else prompts
     st = jnp.concatenate([starts, uncond_starts]) if guided else starts
     rows = toks.shape[0]
-    cache = init_cache(cfg, rows, cache_length(p + max_new_tokens))
+    layers = layer_params(params, cfg)  # once per call, outside the loops
+    total = cache_length(p + max_new_tokens)
 
     def constrain(c):
         if cache_sharding is None:
             return c
         return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, cache_sharding), c)
 
-    cache = constrain(cache)
+    # The cache starts with the prompt's slots rounded up to a bucket and
+    # grows by DECODE_BUCKET slots between decoding loops (one while_loop per
+    # size), so a step's attention reads about the filled part of it.
+    cache = constrain(init_cache(cfg, rows, cache_length(p + 1)))
     positions = jnp.maximum(jnp.arange(p)[None, :] - st[:, None], 0)
-    logits, cache = cached_forward(params, cfg, toks, positions, st, cache, 0)
+    logits, cache = cached_forward(params, cfg, toks, positions, st, cache, 0, layers=layers)
     cache = constrain(cache)
     last = logits[:, -1].astype(jnp.float32)
     gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
@@ -190,8 +192,8 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), cond, uncond
 
     def make_loop(attend):
-        # steps i feed slot p + i, so this segment (attending to slots [0,
-        # attend)) runs them while p + i < attend
+        # steps i feed slot p + i, so this loop (a cache of `attend` slots)
+        # runs them while p + i < attend
         stop = min(max_new_tokens, attend - p)
 
         def cond_fn(state):
@@ -210,7 +212,7 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
             done = done | (tok == vocab.eos_id)
             feed = jnp.concatenate([tok, tok]) if guided else tok
             pos = (p - st + i)[:, None]
-            new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, attend_len=attend)
+            new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, layers=layers)
             cache = constrain(cache)
             return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done
 
@@ -218,16 +220,13 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
 
     out = jnp.full((b, max_new_tokens), vocab.pad_id, jnp.int32)
     state = (jnp.int32(0), cache, last, rng, out, jnp.zeros((b,), bool))
-    # The cache grows in DECODE_BUCKET-slot segments, one while_loop each, so
-    # a step's attention reads about the filled part of the cache (the
-    # attention length is static inside a loop).
-    total = cache["key"].shape[2]
     attend = cache_length(p + 1)
     while True:
-        state = make_loop(min(attend, total))(state)
-        if attend >= min(total, p + max_new_tokens):
+        state = make_loop(attend)(state)
+        if attend >= total:
             break
         attend += DECODE_BUCKET
+        state = state[:1] + (constrain(grow_cache(state[1], attend)),) + state[2:]
     out = state[4]
     is_eos = out == vocab.eos_id
     lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)

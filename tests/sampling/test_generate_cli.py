@@ -69,3 +69,42 @@ def test_image_to_text_and_bad_input(trained, tmp_path):
     assert bad.returncode == 2 and "config.gin" in bad.stderr
     bad = run_cli(["generate", f"--model_dir={d}", f"--out={tmp_path}"], env=env, check=False)
     assert bad.returncode == 2 and "--prompt" in bad.stderr
+
+
+@pytest.mark.slow
+def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
+    """`--num_retrieved=2`: the prompt is the strategy's two documents (found
+    here by brute-force inner products over the whole bank, then
+    `strategy.select`) laid out text first, each ending in <eos>, then the
+    query text and <break>; the unconditional stream keeps the documents
+    and replaces only the query text by <mask:0>."""
+    import numpy as np
+
+    from cm3leon_jax import vocab as vocab_lib
+    from cm3leon_jax.data.prepare import PreparedDataset
+    from cm3leon_jax.retrieval import embed, strategy
+    from cm3leon_jax.sampling.generate import Generator, load_model
+
+    d, env = trained
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    g = Generator(load_model(d))
+    got = g.retrieve(PROMPT, 2)
+
+    bank = embed.load_bank(g.b.bank_dir)
+    key = g.clip.encode_texts([PROMPT])[0]
+    scores = np.asarray(bank.embeddings, np.float64) @ key
+    cands = [strategy.Candidate(int(i), float(s), bool(m[0]), bool(m[1]), f"{int(h):016x}")
+             for i, s, m, h in zip(bank.ids, scores, bank.modalities, bank.content_hashes)]
+    want = strategy.select(cands, 2)
+    assert [int(x["id"]) for x in got] == [c.doc_id for c in want]
+    np.testing.assert_allclose([x["score"] for x in got], [c.score for c in want], atol=1e-4)
+
+    store = PreparedDataset(g.b.prepared_dir)
+    ctx = []
+    for c in want:
+        doc = store.by_id(c.doc_id)
+        ctx += list(doc["text_ids"]) + [vocab_lib.BREAK_ID] + list(doc["image_ids"]) + [vocab_lib.EOS_ID]
+    cond, uncond = g.image_prompt(PROMPT, got)
+    assert cond == ctx + g.text.encode(PROMPT).tolist() + [vocab_lib.BREAK_ID]
+    assert uncond == ctx + [g.b.vocab.mask_id(0), vocab_lib.BREAK_ID]
