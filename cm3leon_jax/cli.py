@@ -208,19 +208,29 @@ def _add_generate(sub):
     p.add_argument("--prompt", default=None, help="text prompt (or the question, with --image)")
     p.add_argument("--prompts_file", default=None, help="one prompt per line")
     p.add_argument("--image", default=None, help="image -> text: the input image")
-    p.add_argument("--num_samples", type=int, default=8, help="samples per prompt (one batch)")
-    p.add_argument("--keep", type=int, default=None, help="write only the best K by CLIP score")
-    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed")
-    p.add_argument("--cfg_scale", type=float, default=3.0, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
-    p.add_argument("--cd_alpha", type=float, default=0.1, help="CD-K: allowed if p >= alpha * kmax(p)")
-    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax")
-    p.add_argument("--num_retrieved", type=int, default=0, help="documents retrieved for the prompt")
-    p.add_argument("--max_text_tokens", type=int, default=64, help="image -> text: tokens generated at most")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only decoding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=8,
+                   help="samples per prompt, one batch (default 8, as the paper reranks 8)")
+    p.add_argument("--keep", type=int, default=None, help="write only the best K by CLIP score (default: all)")
+    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
+                   help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
+                        "conditional, amateur = unconditional stream), mixed (half the samples each; "
+                        "default), greedy")
+    p.add_argument("--cfg_scale", type=float, default=3.0,
+                   help="classifier-free guidance scale alpha_c (default 3; 1 turns guidance off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus mass kept (default 0.9)")
+    p.add_argument("--top_k", type=int, default=0, help="top-k filter before top-p (default 0: none)")
+    p.add_argument("--cd_alpha", type=float, default=0.1,
+                   help="CD-K: a token is allowed if p_exp >= alpha * kmax(p_exp) (default 0.1)")
+    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax (default 5)")
+    p.add_argument("--num_retrieved", type=int, default=0,
+                   help="documents retrieved for the prompt and prepended, as in training (default 0; "
+                        "the paper uses 2)")
+    p.add_argument("--max_text_tokens", type=int, default=64,
+                   help="image -> text: tokens generated at most (default 64)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: weight-only int8 decoding, about half the bf16 weight bytes (default none)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed writes the same PNGs")
     p.add_argument("--out", default=None, help="output dir (text -> image)")
     p.add_argument("--vqgan_dir", default=None, help="override the VQ-GAN of the training data")
     p.add_argument("--text_tokenizer", default=None, help="override the BPE of the training data")

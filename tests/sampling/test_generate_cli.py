@@ -85,10 +85,15 @@ def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
     from cm3leon_jax.retrieval import embed, strategy
     from cm3leon_jax.sampling.generate import Generator, load_model
 
+    import gin
+
     d, env = trained
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    g = Generator(load_model(d))
+    try:
+        g = Generator(load_model(d))  # parses the model dir's config.gin into the global gin config
+    finally:
+        gin.clear_config()
     got = g.retrieve(PROMPT, 2)
 
     bank = embed.load_bank(g.b.bank_dir)

@@ -198,31 +198,32 @@ def _hashes(model_dir):
 
 @pytest.mark.slow
 def test_tiny_config_resume_reads_exactly_the_same_batches(tmp_path):
-    """Issue 6's acceptance: gin/cm3leon_tiny.gin (shapes_cm3_retrieval) for
-    40 steps, SIGKILLed after step 25 and resumed, consumes the batches of an
-    uninterrupted run, step by step."""
+    """Issue 6's acceptance: gin/cm3leon_tiny.gin (shapes_cm3_retrieval),
+    SIGKILLed after step 15 and resumed, consumes the batches of an
+    uninterrupted run, step by step (24 steps of 4 x 256 tokens, to keep the
+    three runs short)."""
     env = _shapes_env()
-    args = ["train", "--gin_file=gin/cm3leon_tiny.gin", "--gin.TRAIN_STEPS=40", "--gin.train.checkpoint_every=10",
-            "--gin.train.keep_checkpoints=5", "--gin.train.record_batch_hashes=True",
-            "--gin.train.peak_flops_per_device=1e11"]
+    args = ["train", "--gin_file=gin/cm3leon_tiny.gin", "--gin.TRAIN_STEPS=24", "--gin.train.checkpoint_every=6",
+            "--gin.train.keep_checkpoints=5", "--gin.train.record_batch_hashes=True", "--gin.BATCH_SIZE=4",
+            "--gin.TASK_FEATURE_LENGTHS={'targets': 256}", "--gin.train.peak_flops_per_device=1e11"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli(args + [f"--model_dir={straight}"], env=env)
-    proc = run_cli(args + [f"--model_dir={killed}"], env=dict(env, **{FAULT_SIGKILL_ENV: "25"}), check=False)
+    proc = run_cli(args + [f"--model_dir={killed}"], env=dict(env, **{FAULT_SIGKILL_ENV: "15"}), check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = _hashes(killed)
-    assert max(first) == 25
+    assert max(first) == 15
     proc = run_cli(args + [f"--model_dir={killed}"], env=env)
     import re
     m = re.search(r"resumed from step (\d+)", proc.stderr)
     assert m, proc.stderr[-2000:]
-    resumed = int(m.group(1))  # the last complete checkpoint (20, or 10 if 20's async save was cut)
-    assert resumed in (10, 20)
+    resumed = int(m.group(1))  # the last complete checkpoint (12, or 6 if 12's async save was cut)
+    assert resumed in (6, 12)
     want, got = _hashes(straight), _hashes(killed)
-    assert sorted(want) == sorted(got) == list(range(1, 41))
-    assert all(first[s] == want[s] for s in range(1, 26))           # before the kill
-    assert all(got[s] == want[s] for s in range(resumed + 1, 41))   # replayed up to 25, then new
-    assert len(set(want.values())) == 40                   # the batches do change every step
-    _assert_trees_bitwise_equal(_params_at(straight, 40), _params_at(killed, 40))
+    assert sorted(want) == sorted(got) == list(range(1, 25))
+    assert all(first[s] == want[s] for s in range(1, 16))           # before the kill
+    assert all(got[s] == want[s] for s in range(resumed + 1, 25))   # replayed up to 15, then new
+    assert len(set(want.values())) == 24                   # the batches do change every step
+    _assert_trees_bitwise_equal(_params_at(straight, 24), _params_at(killed, 24))
 
 
 @pytest.mark.slow
