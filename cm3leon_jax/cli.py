@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_generate(sub)
     _add_clip(sub)
+    from cm3leon_jax.eval.commands import add_eval
+
+    add_eval(sub)
     return parser
 
 
@@ -670,7 +673,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         sub = {"tokenizer": "tokenizer", "convert": "convert", "index": "index",
-               "clip": "clip"}.get(args.command)
+               "clip": "clip", "eval": "eval"}.get(args.command)
         if sub:
             parser.parse_args([sub, "--help"])
         parser.print_help()

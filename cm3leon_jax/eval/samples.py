@@ -1,0 +1,100 @@
+"""Scores for a `cm3leon generate` output dir (its samples.json and PNGs):
+
+- `shapes_accuracy`: the analytic shapes checker (eval/shapes_check.py) on
+  every sample against its prompt: the share of samples whose every stated
+  fact holds ("accuracy"), the mean share of facts that hold, the same for
+  the top-ranked sample of each prompt (CLIP rerank: best of N), and a
+  breakdown by decoding (`mixed` writes half top-p, half CD-K).
+- `clip_score`: the mean cosine similarity between the CLIP embeddings of
+  each sample and its prompt (both L2-normalised), over all samples and over
+  the top-ranked ones.
+
+Prompts that are not shapes captions cannot be checked: `shapes_accuracy`
+counts them as skipped instead of failing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+
+SAMPLES_FILE = "samples.json"
+
+
+def read_samples(out_dir: str) -> List[dict]:
+    """One row per written sample: prompt, file (absolute), rank, decoding."""
+    path = os.path.join(out_dir, SAMPLES_FILE) if os.path.isdir(out_dir) else out_dir
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} has no {SAMPLES_FILE}: point --samples at a `cm3leon generate --out` dir")
+    with open(path) as f:
+        report = json.load(f)
+    base = os.path.dirname(os.path.abspath(path))
+    rows = []
+    for p in report.get("prompts", []):
+        for s in p.get("samples", []):
+            rows.append({"prompt": p["prompt"], "file": os.path.join(base, s["file"]), "rank": int(s["rank"]),
+                         "decoding": s.get("decoding")})
+    if not rows:
+        raise ValueError(f"{path!r} lists no samples")
+    missing = [r["file"] for r in rows if not os.path.isfile(r["file"])]
+    if missing:
+        raise ValueError(f"{len(missing)} sample file(s) listed in {path!r} are missing, e.g. {missing[0]!r}")
+    return rows
+
+
+def _load(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def _summary(values: List[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def shapes_accuracy(out_dir: str) -> dict:
+    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.eval import shapes_check
+
+    rows = read_samples(out_dir)
+    correct: List[float] = []
+    fraction: List[float] = []
+    top_correct: List[float] = []
+    by_decoding: Dict[str, List[float]] = {}
+    skipped = 0
+    for r in rows:
+        try:
+            facts = shapes.caption_facts(r["prompt"])
+        except ValueError:  # not a shapes caption
+            skipped += 1
+            continue
+        result = shapes_check.score(_load(r["file"]), facts)
+        ok = float(result["all_correct"])
+        correct.append(ok)
+        fraction.append(float(result["fraction_correct"]))
+        if r["rank"] == 0:
+            top_correct.append(ok)
+        by_decoding.setdefault(r["decoding"] or "unknown", []).append(ok)
+    if not correct:
+        raise ValueError(f"no sample in {out_dir!r} has a shapes caption as its prompt ({skipped} skipped)")
+    return {"accuracy": _summary(correct), "fraction_of_facts": _summary(fraction),
+            "top_ranked_accuracy": _summary(top_correct), "num_samples": len(correct),
+            "num_prompts": len(top_correct), "skipped_non_shapes_prompts": skipped,
+            "accuracy_by_decoding": {k: _summary(v) for k, v in sorted(by_decoding.items())}}
+
+
+def clip_score(out_dir: str, clip_dir: str, batch_size: int = 64) -> dict:
+    from cm3leon_jax.retrieval.embed import ClipEncoder
+
+    rows = read_samples(out_dir)
+    enc = ClipEncoder(clip_dir, batch_size=batch_size)
+    prompts = sorted({r["prompt"] for r in rows})
+    text = dict(zip(prompts, enc.encode_texts(prompts)))
+    images = enc.encode_images([_load(r["file"]) for r in rows])
+    sims = np.array([float(text[r["prompt"]] @ images[i]) for i, r in enumerate(rows)])
+    top = np.array([r["rank"] == 0 for r in rows])
+    return {"clip_score": float(sims.mean()), "top_ranked_clip_score": float(sims[top].mean()) if top.any()
+            else float("nan"), "num_samples": len(rows), "num_prompts": int(top.sum())}
