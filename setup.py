@@ -30,6 +30,8 @@ install_requires = [
     "transformers>=5,<6",
     "safetensors",
     "numpy",
+    "scipy",                  # FID's reference test, the shapes checker's components
+    "pycocoevalcap==1.2",     # COCO's CIDEr / BLEU scorers (eval/captions.py); PTB tokenizer needs java
     "tqdm",
 ]
 

@@ -6,6 +6,8 @@
   `cm3leon generate --out` dir's images to their prompts (eval/samples.py).
 - `shapes --samples=OUT`: the shapes checker's accuracy of those images
   against their prompts (eval/samples.py).
+- `captions --predictions=FILE.jsonl`: CIDEr and BLEU-4 of image -> text
+  predictions with pycocoevalcap (eval/captions.py).
 
 Each prints one JSON line (and writes it to --out when given); bad input is
 one `error:` line on stderr and exit status 2.
@@ -16,11 +18,11 @@ import argparse
 import json
 from typing import List
 
-EVAL_COMMANDS = ("fid", "clip_score", "shapes")
+EVAL_COMMANDS = ("fid", "clip_score", "shapes", "captions")
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate generations: FID, CLIP score, shapes checker accuracy",
+    p = sub.add_parser("eval", help="evaluate generations: FID, CLIP score, shapes checker accuracy, captions",
                        description="Evaluation of generated images and text.")
     esub = p.add_subparsers(dest="eval_command", metavar="WHAT")
     f = esub.add_parser(
@@ -68,6 +70,19 @@ def add_eval(sub) -> None:
     s.add_argument("--out", default=None, help="also write the result to this JSON file")
     s.set_defaults(func=cmd_shapes)
 
+    k = esub.add_parser(
+        "captions", help="CIDEr and BLEU-4 of image -> text predictions (pycocoevalcap)",
+        description="Scores captions with COCO's own scorers (pycocoevalcap's CIDEr and BLEU). Input: "
+                    "a JSON-lines file, one {\"id\", \"prediction\", \"references\": [...]} per image. "
+                    "Tokenised with COCO's PTB tokenizer when java is installed, else a built-in one "
+                    "(with a warning).",
+        epilog="Example: cm3leon eval captions --predictions=/tmp/captions.jsonl")
+    k.add_argument("--predictions", required=True, help="JSON-lines file of id / prediction / references")
+    k.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto",
+                   help="auto (default): PTB when java is on PATH, else simple")
+    k.add_argument("--out", default=None, help="also write the result to this JSON file")
+    k.set_defaults(func=cmd_captions)
+
 
 def cmd_fid(args, gin_bindings: List[str]) -> int:
     del gin_bindings
@@ -113,3 +128,14 @@ def cmd_shapes(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.eval import samples
 
     return _run(lambda: samples.shapes_accuracy(args.samples), args.out)
+
+
+def cmd_captions(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    from cm3leon_jax.eval import captions
+
+    def job():
+        refs, preds = captions.read_predictions(args.predictions)
+        return captions.score_captions(refs, preds, tokenizer=args.tokenizer)
+
+    return _run(job, args.out)
