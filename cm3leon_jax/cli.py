@@ -211,6 +211,8 @@ def _add_generate(sub):
     p.add_argument("--num_samples", type=int, default=8,
                    help="samples per prompt, one batch (default 8, as the paper reranks 8)")
     p.add_argument("--keep", type=int, default=None, help="write only the best K by CLIP score (default: all)")
+    p.add_argument("--batch_rows", type=int, default=32,
+                   help="rows (prompt x sample) per sampler call (default 32); results do not depend on it")
     p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
                    help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
                         "conditional, amateur = unconditional stream), mixed (half the samples each; "
@@ -517,7 +519,8 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
             print(json.dumps({"image": args.image, "prompt": args.prompt, "text": text}), flush=True)
             return 0
         report = gen_lib.write_samples(g, prompts, args.out, settings, num_samples=args.num_samples,
-                                       seed=args.seed, num_retrieved=args.num_retrieved, keep=args.keep)
+                                       seed=args.seed, num_retrieved=args.num_retrieved, keep=args.keep,
+                                       batch_rows=args.batch_rows)
     except (ValueError, OSError) as e:
         return _input_error(e)
     print(json.dumps({"out": os.path.abspath(args.out), "prompts": len(prompts),

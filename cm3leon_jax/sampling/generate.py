@@ -200,33 +200,53 @@ class Generator:
         uncond = list(ctx) + [self.b.vocab.mask_id(0)] + brk
         return cond, uncond
 
-    def images(self, prompt: str, num_samples: int, settings, seed: int, num_retrieved: int = 0,
-               batch_rows: Optional[int] = None):
+    def images(self, prompt: str, num_samples: int, settings, seed: int, num_retrieved: int = 0):
         """Samples for one prompt: (uint8 images [N, H, W, 3], codes [N, C],
         retrieved documents)."""
+        (imgs, codes, retrieved), = self.images_for_prompts([prompt], num_samples, settings, seed, num_retrieved)
+        return imgs, codes, retrieved
+
+    def images_for_prompts(self, prompts: Sequence[str], num_samples: int, settings, seed: int,
+                           num_retrieved: int = 0, batch_rows: int = 32):
+        """Samples for many prompts, batched `batch_rows` rows (prompt x
+        sample) per sampler call: [(images, codes, retrieved)] per prompt.
+
+        Sample j of prompt i draws from its own key, fold_in(PRNGKey(seed +
+        i), j), so the result does not depend on how rows are batched; for
+        `mixed` the odd samples use CD-K."""
         import jax
         import jax.numpy as jnp
 
         from cm3leon_jax.sampling import sampler
 
-        retrieved = self.retrieve(prompt, num_retrieved)
-        cond, uncond = self.image_prompt(prompt, retrieved)
+        if num_samples < 1 or batch_rows < 1:
+            raise ValueError(f"num_samples and batch_rows must be >= 1, got {num_samples}, {batch_rows}")
+        retrieved = [self.retrieve(p, num_retrieved) for p in prompts]
+        pairs = [self.image_prompt(p, r) for p, r in zip(prompts, retrieved)]
         n_codes = self.vq.codes_per_image
         guided = settings.decoding in ("cd_k", "mixed") or settings.cfg_scale != 1.0
-        p = max(len(cond), len(uncond))
-        ct, cs = sampler.left_pad([cond] * num_samples, length=p)
-        kw = {}
-        if guided:
-            ut, us = sampler.left_pad([uncond] * num_samples, length=p)
-            kw = dict(uncond_prompts=jnp.asarray(ut), uncond_starts=jnp.asarray(us))
-        out, lengths = sampler.generate(self.params, jnp.asarray(ct), jnp.asarray(cs), jax.random.PRNGKey(seed),
-                                        cfg=self.b.cfg, max_new_tokens=n_codes + 1, settings=settings,
-                                        constraint=sampler.Constraint("image", image_tokens=n_codes),
-                                        vocab=self.b.vocab, **kw)
-        out = np.asarray(out)
-        codes = self.b.vocab.id_to_image_code(out[:, :n_codes]).astype(np.int32)
+        length = max(max(len(c), len(u)) for c, u in pairs)  # one prompt length: one compile
+        rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+        width = min(batch_rows, len(rows))
+        codes = np.zeros((len(rows), n_codes), np.int32)
+        for start in range(0, len(rows), width):
+            chunk = rows[start:start + width]
+            chunk = chunk + [chunk[-1]] * (width - len(chunk))  # pad to the compiled batch; dropped below
+            ct, cs = sampler.left_pad([pairs[i][0] for i, _ in chunk], length=length)
+            keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed + i), j) for i, j in chunk])
+            kw = dict(cd_rows=np.array([j % 2 == 1 for _, j in chunk]))
+            if guided:
+                ut, us = sampler.left_pad([pairs[i][1] for i, _ in chunk], length=length)
+                kw.update(uncond_prompts=jnp.asarray(ut), uncond_starts=jnp.asarray(us))
+            out, _ = sampler.generate(self.params, jnp.asarray(ct), jnp.asarray(cs), keys, cfg=self.b.cfg,
+                                      max_new_tokens=n_codes + 1, settings=settings,
+                                      constraint=sampler.Constraint("image", image_tokens=n_codes),
+                                      vocab=self.b.vocab, **kw)
+            real = min(width, len(rows) - start)
+            codes[start:start + real] = self.b.vocab.id_to_image_code(np.asarray(out)[:real, :n_codes])
         imgs = self.vq.decode(codes)
-        return imgs, codes, retrieved
+        return [(imgs[i * num_samples:(i + 1) * num_samples], codes[i * num_samples:(i + 1) * num_samples],
+                 retrieved[i]) for i in range(len(prompts))]
 
     def text_from_image(self, image: np.ndarray, prompt: str, settings, seed: int, max_tokens: int = 64) -> str:
         import jax
@@ -257,9 +277,10 @@ def _grid(rows: List[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, *, num_samples: int, seed: int,
-                  num_retrieved: int = 0, keep: Optional[int] = None) -> List[dict]:
+                  num_retrieved: int = 0, keep: Optional[int] = None, batch_rows: int = 32) -> List[dict]:
     """PNGs (prompt index, rank by CLIP score), grid.png and samples.json;
-    returns the samples.json rows."""
+    returns the samples.json rows. Prompt i's samples use seed + i, and
+    `batch_rows` rows (prompt x sample) share a sampler call."""
     from PIL import Image
 
     from cm3leon_jax.sampling import rerank
@@ -267,8 +288,8 @@ def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, 
     os.makedirs(out_dir, exist_ok=True)
     report, grid_rows = [], []
     have_clip = bool(g.b.clip_dir and os.path.isdir(g.b.clip_dir))
-    for i, prompt in enumerate(prompts):
-        imgs, codes, retrieved = g.images(prompt, num_samples, settings, seed + i, num_retrieved)
+    results = g.images_for_prompts(prompts, num_samples, settings, seed, num_retrieved, batch_rows=batch_rows)
+    for i, (prompt, (imgs, codes, retrieved)) in enumerate(zip(prompts, results)):
         if have_clip:
             order, scores = rerank.rerank(g.clip, prompt, imgs, keep)
         else:

@@ -109,7 +109,10 @@ def _choose(logits, cond, uncond, settings: SamplingSettings, rng, cd_rows):
     if settings.top_k:
         filtered = guidance.top_k(filtered, settings.top_k)
     filtered = guidance.top_p(filtered, settings.top_p)
-    sampled = jax.random.categorical(rng, filtered, axis=-1)
+    if rng.ndim == 2:  # one key per row
+        sampled = jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(rng, filtered)
+    else:
+        sampled = jax.random.categorical(rng, filtered, axis=-1)
     if settings.decoding == "top_p":
         return sampled
     cd = jnp.argmax(guidance.contrastive_scores(cond, uncond, settings.cd_alpha, settings.cd_k), axis=-1)
@@ -140,13 +143,18 @@ def decoding_shardings(cfg: DecoderConfig, mesh, rules=None):
 def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens: int,
              settings: SamplingSettings = SamplingSettings(), constraint: Constraint = Constraint(),
              vocab: vocab_lib.UnifiedVocabulary = vocab_lib.UnifiedVocabulary(),
-             uncond_prompts=None, uncond_starts=None, cache_sharding=None):
+             uncond_prompts=None, uncond_starts=None, cache_sharding=None, cd_rows=None):
     """Samples `max_new_tokens` tokens after each prompt.
 
     Args:
       prompts, starts: `left_pad` output, [B, P] and [B].
+      rng: one PRNG key (uint32 [2]), or one per row ([B, 2]): then a row's
+        samples depend on its own key only, not on the other rows of the
+        batch (so batching prompts together changes nothing).
       uncond_prompts, uncond_starts: the unconditional stream (same P), for
         classifier-free guidance and CD-K; None runs unguided.
+      cd_rows: for decoding="mixed", bool [B]: the rows that use CD-K (the
+        rest top-p); default the odd rows.
       cache_sharding: the KV cache's NamedSharding (`decoding_shardings`);
         with params placed by the same function, decoding runs sharded over
         the training mesh.
@@ -181,7 +189,7 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     cache = constrain(cache)
     last = logits[:, -1].astype(jnp.float32)
     gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
-    cd_rows = (jnp.arange(b) % 2) == 1
+    cd_rows = (jnp.arange(b) % 2) == 1 if cd_rows is None else jnp.asarray(cd_rows, bool)
     image_steps = constraint.image_tokens if constraint.mode == "image" else max_new_tokens + 1
 
     def guided_logits(last):
@@ -202,7 +210,11 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
 
         def body(state):
             i, cache, last, rng, out, done = state
-            rng, step_rng = jax.random.split(rng)
+            if rng.ndim == 2:  # per-row keys: each row's draws depend on its own key only
+                pair = jax.vmap(jax.random.split)(rng)
+                rng, step_rng = pair[:, 0], pair[:, 1]
+            else:
+                rng, step_rng = jax.random.split(rng)
             lg, cond, uncond = guided_logits(last)
             allowed = jnp.where(i < image_steps, gen_mask, end_mask)
             tok = _choose(guidance.restrict(lg, allowed), guidance.restrict(cond, allowed),

@@ -170,3 +170,26 @@ def test_cd_k_uses_the_raw_streams_not_the_guided_logits():
         settings=sampler.SamplingSettings("cd_k", cfg_scale=scale), vocab=VOCAB,
         uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us))[0]).tolist()
     assert run(1.0) == run(7.0)
+
+
+def test_per_row_keys_make_rows_independent_of_the_batch():
+    """With one key per row, a row's samples are the same alone or batched
+    with other prompts (in any order); mixed decoding follows cd_rows."""
+    cfg, params = _model()
+    prompts = [[100, 101, 102, 2], [70, 71, 2], [90, 2]]
+    settings = sampler.SamplingSettings("mixed", temperature=2.0, top_p=1.0, cfg_scale=2.0)
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(7), i) for i in range(3)])
+
+    def run(rows):
+        cond, cs = sampler.left_pad([prompts[r] for r in rows], length=6)
+        unc, us = sampler.left_pad([[VOCAB.mask_id(0), 2]] * len(rows), length=6)
+        return np.asarray(sampler.generate(
+            params, jnp.asarray(cond), jnp.asarray(cs), keys[np.asarray(rows)], cfg=cfg, max_new_tokens=10,
+            settings=settings, vocab=VOCAB, uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us),
+            cd_rows=np.array([r == 1 for r in rows]))[0])
+
+    together = run([0, 1, 2])
+    assert (run([2, 0, 1]) == together[[2, 0, 1]]).all()
+    for r in range(3):
+        assert (run([r]) == together[r]).all()
+    assert not (together[0] == together[2]).all()

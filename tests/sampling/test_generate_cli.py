@@ -113,3 +113,27 @@ def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
     cond, uncond = g.image_prompt(PROMPT, got)
     assert cond == ctx + g.text.encode(PROMPT).tolist() + [vocab_lib.BREAK_ID]
     assert uncond == ctx + [g.b.vocab.mask_id(0), vocab_lib.BREAK_ID]
+
+
+@pytest.mark.slow
+def test_batched_prompts_give_the_samples_of_one_prompt_at_a_time(trained, monkeypatch):
+    import gin
+    import numpy as np
+
+    from cm3leon_jax.sampling.generate import Generator, load_model
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+
+    d, env = trained
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        g = Generator(load_model(d))
+    finally:
+        gin.clear_config()
+    settings = SamplingSettings("mixed", temperature=1.5, top_p=0.9, cfg_scale=3.0)
+    other = "a large green star"
+    batched = g.images_for_prompts([PROMPT, other], 3, settings, seed=11, batch_rows=4)  # rows split 4 + 2
+    for i, prompt in enumerate([PROMPT, other]):
+        _, codes, _ = g.images(prompt, 3, settings, seed=11 + i)
+        np.testing.assert_array_equal(batched[i][1], codes)
+    assert not np.array_equal(batched[0][1][0], batched[0][1][1])
