@@ -164,6 +164,8 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     """
     b, p = prompts.shape
     guided = uncond_prompts is not None
+    if rng.ndim == 2 and rng.shape[0] != b:
+        raise ValueError(f"per-row PRNG keys: got {rng.shape[0]} keys for {b} prompts")
     if settings.decoding in ("cd_k", "mixed") and not guided:
         raise ValueError(f"decoding={settings.decoding!r} needs the unconditional prompt (the amateur)")
     if p + max_new_tokens > cfg.max_length:
