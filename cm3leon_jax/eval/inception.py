@@ -201,7 +201,6 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> dict:
             node = node.setdefault(p, {})
         node[path[-1]] = value
 
-    used = set()
     for collection in ("params", "batch_stats"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(template[collection])[0]:
             names = [k.key for k in path]
@@ -218,7 +217,6 @@ def from_torch_state_dict(state: Dict[str, np.ndarray]) -> dict:
             if value.shape != tuple(leaf.shape):
                 raise ValueError(f"Inception weights: {key!r} has shape {value.shape}, expected {leaf.shape}")
             put(out[collection], names, value)
-            used.add(key)
     return out
 
 
