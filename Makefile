@@ -32,14 +32,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# For now: a short tiny-config training run on the data-free smoke-test task
-# (the full embedded demo, which builds the shapes data the tiny config's
-# shapes_cm3_retrieval reads, comes with the demo issue).
-DEMO_DIR ?= demo_out/tiny
+# The embedded end-to-end demo (gin/demo.gin): shapes corpus -> VQ-GAN -> CLIP
+# -> prepare + embed + index -> tiny CM3Leon -> generate -> evaluate ->
+# demo_out/report.md. About 30 minutes on 2 cores; rerun to resume after an
+# interruption. Extra flags: make demo DEMO_ARGS="--out_dir=/tmp/d".
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/cm3leon train --gin_file=gin/cm3leon_tiny.gin --gin.TRAIN_STEPS=100 \
-	  --gin.MIXTURE_OR_TASK_NAME="'synthetic_lm'" "--gin.TASK_FEATURE_LENGTHS={'targets': 256}" \
-	  --gin.BATCH_SIZE=16 --model_dir=$(DEMO_DIR)
+	$(BIN)/cm3leon demo --gin_file=gin/demo.gin $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -33,6 +33,7 @@ install_requires = [
     "scipy",                  # FID's reference test, the shapes checker's components
     "pycocoevalcap==1.2",     # COCO's CIDEr / BLEU scorers (eval/captions.py); PTB tokenizer needs java
     "tqdm",
+    "matplotlib",             # the demo report's plots (loss curve, accuracy vs CFG)
 ]
 
 extras_require = {

@@ -316,9 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_generate(sub)
     _add_clip(sub)
+    from cm3leon_jax.demo.commands import add_demo
     from cm3leon_jax.eval.commands import add_eval
 
     add_eval(sub)
+    add_demo(sub)
     return parser
 
 

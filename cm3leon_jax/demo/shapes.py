@@ -375,18 +375,25 @@ def generate(seed: int, num: int, resolution: int = 64, start: int = 0) -> Itera
         yield generate_example(seed, index, resolution)
 
 
-def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64) -> str:
+def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progress: bool = False,
+                 desc: str = "corpus") -> str:
     """Write `num` examples as `out_dir/00000.png`, ... plus `out_dir/captions.jsonl`
     (one `{"file": "00000.png", "caption": "..."}` per line): the image-folder
-    layout the data pipeline reads. Returns the path of captions.jsonl."""
+    layout the data pipeline reads. Returns the path of captions.jsonl, which
+    is written last (under a temporary name until complete)."""
+    import sys
+
     from PIL import Image
+    from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     width = max(5, len(str(num - 1)))
     path = os.path.join(out_dir, "captions.jsonl")
-    with open(path, "w") as f:
-        for i, ex in enumerate(generate(seed, num, resolution)):
+    with open(path + ".tmp", "w") as f:
+        for i, ex in enumerate(tqdm(generate(seed, num, resolution), total=num, desc=desc, unit="img",
+                                    file=sys.stderr, disable=not progress, dynamic_ncols=True)):
             name = f"{i:0{width}d}.png"
             Image.fromarray(ex.image).save(os.path.join(out_dir, name))
             f.write(json.dumps({"file": name, "caption": ex.caption}) + "\n")
+    os.replace(path + ".tmp", path)
     return path

@@ -8,6 +8,8 @@
   against their prompts (eval/samples.py).
 - `captions --predictions=FILE.jsonl`: CIDEr and BLEU-4 of image -> text
   predictions with pycocoevalcap (eval/captions.py).
+- `coco --model_dir=D --coco_dir=DIR --num_images=30000 --out=OUT`: the
+  MS-COCO 30K zero-shot FID protocol on a local COCO copy (eval/coco.py).
 
 Each prints one JSON line (and writes it to --out when given); bad input is
 one `error:` line on stderr and exit status 2.
@@ -18,7 +20,7 @@ import argparse
 import json
 from typing import List
 
-EVAL_COMMANDS = ("fid", "clip_score", "shapes", "captions")
+EVAL_COMMANDS = ("fid", "clip_score", "shapes", "captions", "coco")
 
 
 def add_eval(sub) -> None:
@@ -83,6 +85,43 @@ def add_eval(sub) -> None:
     k.add_argument("--out", default=None, help="also write the result to this JSON file")
     k.set_defaults(func=cmd_captions)
 
+    co = esub.add_parser(
+        "coco", help="MS-COCO 30K zero-shot FID: generate for COCO captions, FID against the COCO images",
+        description="The paper's MS-COCO 30K protocol on a local copy of COCO (nothing is downloaded): "
+                    "--num_images images of the split drawn with --seed, one caption each; one image "
+                    "generated per caption (best of --num_samples by CLIP score); real images resized and "
+                    "centre-cropped to the generator's resolution; FID on InceptionV3 pool3 features "
+                    "(--inception_weights) or CLIP features. Writes OUT/real, OUT/fake, OUT/captions.jsonl "
+                    "and OUT/fid.json; a rerun with the same flags continues where it stopped.",
+        epilog="Example: cm3leon eval coco --model_dir=/m/cm3leon_350m --coco_dir=/data/coco --num_images=30000 "
+               "--out=/tmp/coco30k --inception_weights=pt_inception-2015-12-05-6726825d.pth\n"
+               "COCO_DIR layout: annotations/captions_val2014.json and val2014/*.jpg (COCO 2014, unzipped).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("--model_dir", required=True, help="a `cm3leon train` model dir")
+    co.add_argument("--coco_dir", required=True, help="local COCO 2014 (annotations/ and the split's images)")
+    co.add_argument("--out", required=True, help="output dir (real/, fake/, captions.jsonl, fid.json)")
+    co.add_argument("--num_images", type=int, default=30000, help="images (and captions) drawn (default 30000)")
+    co.add_argument("--split", default="val2014", help="COCO split (default val2014, the protocol's)")
+    co.add_argument("--seed", type=int, default=0, help="selection and sampling seed (default 0)")
+    co.add_argument("--features", choices=("inception", "clip"), default="inception",
+                    help="FID features (default inception, the reported kind)")
+    co.add_argument("--inception_weights", default=None,
+                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for --features=inception)")
+    co.add_argument("--clip_dir", default=None, help="CLIP model dir for --features=clip")
+    co.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
+                    help="as for `cm3leon generate` (default mixed: the paper's best)")
+    co.add_argument("--cfg_scale", type=float, default=3.0, help="CFG scale (default 3)")
+    co.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (default 0.9)")
+    co.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    co.add_argument("--num_samples", type=int, default=8,
+                    help="samples per caption, reranked by CLIP; the best is kept (default 8, as the paper)")
+    co.add_argument("--num_retrieved", type=int, default=2, help="retrieved documents (default 2, as the paper)")
+    co.add_argument("--batch_rows", type=int, default=32, help="rows per sampler call (default 32)")
+    co.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir for retrieval (default: the "
+                                                      "training task's)")
+    co.add_argument("--no_progress", action="store_true", help="no progress bars")
+    co.set_defaults(func=cmd_coco)
+
 
 def cmd_fid(args, gin_bindings: List[str]) -> int:
     del gin_bindings
@@ -139,3 +178,30 @@ def cmd_captions(args, gin_bindings: List[str]) -> int:
         return captions.score_captions(refs, preds, tokenizer=args.tokenizer)
 
     return _run(job, args.out)
+
+
+def cmd_coco(args, gin_bindings: List[str]) -> int:
+    del gin_bindings
+    import logging
+
+    logging.getLogger().setLevel(logging.INFO)
+
+    def job():
+        from cm3leon_jax.eval import coco
+        from cm3leon_jax.sampling.sampler import SamplingSettings
+
+        if args.features == "clip" and not args.clip_dir:
+            raise ValueError("--features=clip needs --clip_dir (a CLIP model dir)")
+        for name in ("num_samples", "batch_rows"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        settings = SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p,
+                                    cfg_scale=args.cfg_scale)
+        return coco.run_protocol(args.model_dir, args.coco_dir, args.out, num_images=args.num_images,
+                                 split=args.split, seed=args.seed, sampling=settings, num_samples=args.num_samples,
+                                 num_retrieved=args.num_retrieved, features=args.features,
+                                 inception_weights=args.inception_weights, clip_features_dir=args.clip_dir,
+                                 batch_rows=args.batch_rows, data_dir=args.data_dir,
+                                 progress=not args.no_progress)
+
+    return _run(job, None)

@@ -77,9 +77,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def list_images(directory: str) -> List[str]:
-    """Image files directly in `directory` (sorted); ValueError if it has none."""
+    """Image files directly in `directory` (sorted); ValueError if it has none.
+    A `cm3leon generate --out` dir (one with samples.json) gives the samples
+    it lists, so its grid.png is not counted as a generated image."""
     if not os.path.isdir(directory):
         raise ValueError(f"image dir {directory!r} does not exist")
+    from cm3leon_jax.eval import samples
+
+    if os.path.isfile(os.path.join(directory, samples.SAMPLES_FILE)):
+        return sorted(samples.sample_files(directory))
     files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
                    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
     if not files:
@@ -119,13 +125,13 @@ def make_extractor(features: str, clip_dir: Optional[str] = None, batch_size: in
     raise ValueError(f"unknown feature extractor {features!r}; choose from {FEATURES}")
 
 
-def directory_features(directory: str, extractor, chunk: int = 256, progress: bool = True
-                       ) -> Tuple[np.ndarray, Dict[str, int]]:
-    """Features [N, D] of the readable images in `directory` and the skipped
-    files counted by reason (corrupt, too small, ...)."""
+def directory_features(directory: str, extractor, chunk: int = 256, progress: bool = True,
+                       files: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, Dict[str, int]]:
+    """Features [N, D] of the readable images in `directory` (or of `files`)
+    and the skipped files counted by reason (corrupt, too small, ...)."""
     from cm3leon_jax.data.images import BadImageError, load_image
 
-    files = list_images(directory)
+    files = list_images(directory) if files is None else list(files)
     feats, skipped = [], {}
     for start in range(0, len(files), chunk):
         batch = []

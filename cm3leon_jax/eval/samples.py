@@ -3,7 +3,8 @@
 - `shapes_accuracy`: the analytic shapes checker (eval/shapes_check.py) on
   every sample against its prompt: the share of samples whose every stated
   fact holds ("accuracy"), the mean share of facts that hold, the same for
-  the top-ranked sample of each prompt (CLIP rerank: best of N), and a
+  the top-ranked sample of each prompt (CLIP rerank: best of N), the same
+  for sample 0 alone (what one sample per prompt gives), and a
   breakdown by decoding (`mixed` writes half top-p, half CD-K).
 - `clip_score`: the mean cosine similarity between the CLIP embeddings of
   each sample and its prompt (both L2-normalised), over all samples and over
@@ -24,7 +25,9 @@ SAMPLES_FILE = "samples.json"
 
 
 def read_samples(out_dir: str) -> List[dict]:
-    """One row per written sample: prompt, file (absolute), rank, decoding."""
+    """One row per written sample: prompt, file (absolute), rank (by CLIP
+    score), sample (its index in the batch: sample 0 is what
+    `--num_samples=1` gives with the same seed), decoding."""
     path = os.path.join(out_dir, SAMPLES_FILE) if os.path.isdir(out_dir) else out_dir
     if not os.path.isfile(path):
         raise ValueError(f"{out_dir!r} has no {SAMPLES_FILE}: point --samples at a `cm3leon generate --out` dir")
@@ -35,7 +38,7 @@ def read_samples(out_dir: str) -> List[dict]:
     for p in report.get("prompts", []):
         for s in p.get("samples", []):
             rows.append({"prompt": p["prompt"], "file": os.path.join(base, s["file"]), "rank": int(s["rank"]),
-                         "decoding": s.get("decoding")})
+                         "sample": int(s.get("sample", s["rank"])), "decoding": s.get("decoding")})
     if not rows:
         raise ValueError(f"{path!r} lists no samples")
     missing = [r["file"] for r in rows if not os.path.isfile(r["file"])]
@@ -44,7 +47,17 @@ def read_samples(out_dir: str) -> List[dict]:
     return rows
 
 
-def _load(path: str) -> np.ndarray:
+def sample_files(out_dir: str, which: str = "all") -> List[str]:
+    """The image files of a generate dir: "all", each prompt's "top_ranked"
+    one (best by CLIP score) or its "first_sample" (sample 0)."""
+    keep = {"all": lambda r: True, "top_ranked": lambda r: r["rank"] == 0,
+            "first_sample": lambda r: r["sample"] == 0}
+    if which not in keep:
+        raise ValueError(f"which must be one of {sorted(keep)}, got {which!r}")
+    return [r["file"] for r in read_samples(out_dir) if keep[which](r)]
+
+
+def load_image(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
@@ -63,6 +76,7 @@ def shapes_accuracy(out_dir: str) -> dict:
     correct: List[float] = []
     fraction: List[float] = []
     top_correct: List[float] = []
+    first_correct: List[float] = []
     by_decoding: Dict[str, List[float]] = {}
     skipped = 0
     for r in rows:
@@ -71,29 +85,33 @@ def shapes_accuracy(out_dir: str) -> dict:
         except ValueError:  # not a shapes caption
             skipped += 1
             continue
-        result = shapes_check.score(_load(r["file"]), facts)
+        result = shapes_check.score(load_image(r["file"]), facts)
         ok = float(result["all_correct"])
         correct.append(ok)
         fraction.append(float(result["fraction_correct"]))
         if r["rank"] == 0:
             top_correct.append(ok)
+        if r["sample"] == 0:
+            first_correct.append(ok)
         by_decoding.setdefault(r["decoding"] or "unknown", []).append(ok)
     if not correct:
         raise ValueError(f"no sample in {out_dir!r} has a shapes caption as its prompt ({skipped} skipped)")
     return {"accuracy": _summary(correct), "fraction_of_facts": _summary(fraction),
-            "top_ranked_accuracy": _summary(top_correct), "num_samples": len(correct),
+            "top_ranked_accuracy": _summary(top_correct), "first_sample_accuracy": _summary(first_correct),
+            "num_samples": len(correct),
             "num_prompts": len(top_correct), "skipped_non_shapes_prompts": skipped,
             "accuracy_by_decoding": {k: _summary(v) for k, v in sorted(by_decoding.items())}}
 
 
-def clip_score(out_dir: str, clip_dir: str, batch_size: int = 64) -> dict:
+def clip_score(out_dir: str, clip_dir: str, batch_size: int = 64, encoder=None) -> dict:
+    """`encoder`: an already loaded `ClipEncoder` of `clip_dir` (saves the load)."""
     from cm3leon_jax.retrieval.embed import ClipEncoder
 
     rows = read_samples(out_dir)
-    enc = ClipEncoder(clip_dir, batch_size=batch_size)
+    enc = encoder or ClipEncoder(clip_dir, batch_size=batch_size)
     prompts = sorted({r["prompt"] for r in rows})
     text = dict(zip(prompts, enc.encode_texts(prompts)))
-    images = enc.encode_images([_load(r["file"]) for r in rows])
+    images = enc.encode_images([load_image(r["file"]) for r in rows])
     sims = np.array([float(text[r["prompt"]] @ images[i]) for i, r in enumerate(rows)])
     top = np.array([r["rank"] == 0 for r in rows])
     return {"clip_score": float(sims.mean()), "top_ranked_clip_score": float(sims[top].mean()) if top.any()

@@ -45,6 +45,14 @@ class VQGANConfig:
     # and the decoder sees the normalised code vectors, in training, encode
     # and decode alike. Off for Chameleon / Janus checkpoints.
     l2_normalize_codes: bool = False
+    # "conv": taming-transformers' encoder (its receptive field spans the
+    # whole image at 64x64, and with its attention every code may carry
+    # information about any part of the image). "patch": each code is a
+    # function of its own f x f pixel patch only (an MLP per patch), so a
+    # blank patch always gets the same code and a code says what is in its
+    # cell: far easier for a small decoder LM to learn (the CPU demo).
+    encoder: str = "conv"
+    patch_encoder_width: int = 256
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -52,6 +60,8 @@ class VQGANConfig:
         if self.resolution % self.downsample_factor:
             raise ValueError(f"VQGANConfig: resolution {self.resolution} is not divisible by the "
                              f"downsampling factor {self.downsample_factor}")
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"VQGANConfig: encoder must be 'conv' or 'patch', got {self.encoder!r}")
         for m in set(self.channel_multiplier) | {1}:
             if (self.base_channels * m) % self.num_groups:
                 raise ValueError(f"VQGANConfig: {self.base_channels * m} channels are not divisible "
@@ -160,6 +170,24 @@ class Encoder(nn.Module):
         return _conv(cfg.latent_channels, 3, "conv_out")(h)
 
 
+class PatchEncoder(nn.Module):
+    """Latents from each non-overlapping f x f patch alone: a 3-layer MLP on
+    the patch's pixels (ViT-style patch embedding, no mixing between
+    patches)."""
+
+    config: VQGANConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        f = cfg.downsample_factor
+        b, hh, ww, c = x.shape
+        p = x.reshape(b, hh // f, f, ww // f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh // f, ww // f, -1)
+        h = nn.swish(nn.Dense(cfg.patch_encoder_width, name="fc_in")(p))
+        h = nn.swish(nn.Dense(cfg.patch_encoder_width, name="fc_mid")(h))
+        return nn.Dense(cfg.latent_channels, name="fc_out")(h)
+
+
 class Decoder(nn.Module):
     config: VQGANConfig
 
@@ -202,7 +230,7 @@ class VQGAN(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv(cfg.embed_dim, (1, 1), name="quant_conv")
         self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), name="post_quant_conv")

@@ -121,3 +121,28 @@ def test_l2_normalized_codes_are_cosine_nearest_and_decode_unit_vectors():
     recon, train_codes, aux = model.apply({"params": params}, x)
     np.testing.assert_array_equal(np.asarray(train_codes).reshape(-1), codes)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(aux["latents"]), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only():
+    cfg = small_config(encoder="patch", patch_encoder_width=32)
+    model = VQGAN(cfg)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (1, 64, 64, 3)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    z = np.asarray(model.apply({"params": params}, x, method=VQGAN.latents))[0]  # [8, 8, D]
+    # the latent of cell (2, 5) is the MLP of pixels [16:24, 40:48] alone, worked here by hand
+    enc = params["encoder"]
+    swish = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    patch = np.asarray(x)[0, 16:24, 40:48].reshape(-1)
+    h = swish(patch @ np.asarray(enc["fc_in"]["kernel"]) + np.asarray(enc["fc_in"]["bias"]))
+    h = swish(h @ np.asarray(enc["fc_mid"]["kernel"]) + np.asarray(enc["fc_mid"]["bias"]))
+    h = h @ np.asarray(enc["fc_out"]["kernel"]) + np.asarray(enc["fc_out"]["bias"])
+    q = params["quant_conv"]
+    want = h @ np.asarray(q["kernel"]).reshape(q["kernel"].shape[-2:]) + np.asarray(q["bias"])
+    np.testing.assert_allclose(z[2, 5], want, rtol=1e-4, atol=1e-5)
+    # changing one patch changes that cell's latent and no other
+    y = x.at[0, 16:24, 40:48].set(0.5)
+    dz = np.abs(np.asarray(model.apply({"params": params}, y, method=VQGAN.latents))[0] - z).sum(-1)
+    assert dz[2, 5] > 0 and np.count_nonzero(dz) == 1
+    with pytest.raises(ValueError, match="encoder must be"):
+        small_config(encoder="vit")

@@ -137,3 +137,88 @@ def test_batched_prompts_give_the_samples_of_one_prompt_at_a_time(trained, monke
         _, codes, _ = g.images(prompt, 3, settings, seed=11 + i)
         np.testing.assert_array_equal(batched[i][1], codes)
     assert not np.array_equal(batched[0][1][0], batched[0][1][1])
+
+
+def _coco_fixture(root, n=20):
+    """A 20-image COCO 2014 layout (val2014/*.jpg + annotations/captions_val2014.json,
+    several captions per image as COCO has) from the shapes corpus, plus one
+    corrupt image."""
+    from PIL import Image
+
+    from cm3leon_jax.demo import shapes
+
+    (root / "val2014").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, anns = [], []
+    for i in range(n + 1):
+        name = f"COCO_val2014_{1000 + i:012d}.jpg"
+        images.append({"id": 1000 + i, "file_name": name})
+        if i == n:
+            (root / "val2014" / name).write_bytes(b"\xff\xd8 not a jpeg")
+        else:
+            ex = shapes.generate_example(4242, i, 48)
+            Image.fromarray(ex.image).save(root / "val2014" / name, quality=95)
+            anns += [{"id": 10 * i, "image_id": 1000 + i, "caption": ex.caption},
+                     {"id": 10 * i + 1, "image_id": 1000 + i, "caption": "  " + ex.caption.upper() + " "}]
+    anns.append({"id": 99999, "image_id": 1000 + n, "caption": "a broken file"})
+    images.append({"id": 5000, "file_name": "no_caption.jpg"})  # uncaptioned: never selected
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images,
+                                                                           "annotations": anns}))
+    return root
+
+
+def test_coco_selection_is_seeded_distinct_and_bounded(tmp_path):
+    from cm3leon_jax.eval import coco
+
+    caps = coco.load_captions(str(_coco_fixture(tmp_path / "coco")))
+    assert len(caps) == 21 and 5000 not in caps
+    a = coco.select_pairs(caps, 10, seed=0)
+    assert a == coco.select_pairs(caps, 10, seed=0)
+    assert [p.image_id for p in a] != [p.image_id for p in coco.select_pairs(caps, 10, seed=1)]
+    assert len({p.image_id for p in a}) == 10
+    assert all(p.caption in caps[p.image_id][1] for p in a)
+    assert len(coco.select_pairs(caps, 500, seed=0)) == 21      # more than there are: all, with a warning
+    with pytest.raises(ValueError, match="captions_val2014.json"):
+        coco.load_captions(str(tmp_path / "nowhere"))
+    (tmp_path / "bad" / "annotations").mkdir(parents=True)
+    (tmp_path / "bad" / "annotations" / "captions_val2014.json").write_text("{\"images\": 3}")
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        coco.load_captions(str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_eval_coco_protocol_on_a_20_image_fixture(trained, tmp_path):
+    from task_data import tiny_models
+
+    from cm3leon_jax.eval import fid as fid_lib
+    from cm3leon_jax.eval import samples
+
+    d, env = trained
+    root = _coco_fixture(tmp_path / "coco")
+    out = tmp_path / "out"
+    args = ["eval", "coco", f"--model_dir={d}", f"--coco_dir={root}", "--num_images=30000", f"--out={out}",
+            "--features=clip", f"--clip_dir={tiny_models()['clip_dir']}", "--num_samples=2", "--num_retrieved=1",
+            "--batch_rows=8", "--no_progress"]
+    proc = run_cli(args, env=env)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["num_images"] == 20 and res["skipped_real"] == {"corrupt or truncated image": 1}
+    assert res["features"] == "clip" and res["fid"] > 0 and res["small_set"]
+    assert "fewer than --num_images=30000" in proc.stderr and "biased" in proc.stderr
+    fake = sorted(os.listdir(out / "fake"))
+    assert fake == sorted(os.listdir(out / "real")) and len(fake) == 20
+    real0 = samples.load_image(str(out / "real" / fake[0]))
+    assert real0.shape == (32, 32, 3)                             # centre-cropped to the VQ-GAN's side
+    sel = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(sel) == 21 and len({s["image_id"] for s in sel}) == 21
+    # FID from the written dirs with the standalone command agrees
+    extractor = fid_lib.make_extractor("clip", clip_dir=tiny_models()["clip_dir"])
+    ref = fid_lib.fid_between(str(out / "real"), str(out / "fake"), extractor, progress=False)["fid"]
+    assert abs(ref - res["fid"]) <= 1e-6 * max(1.0, ref)
+    # a rerun continues (nothing regenerated); other flags on the same dir are refused
+    before = {n: (out / "fake" / n).stat().st_mtime_ns for n in fake}
+    again = json.loads(run_cli(args, env=env).stdout.strip().splitlines()[-1])
+    assert again["fid"] == res["fid"]
+    assert {n: (out / "fake" / n).stat().st_mtime_ns for n in fake} == before
+    bad = run_cli([a if not a.startswith("--num_samples") else "--num_samples=1" for a in args], env=env,
+                  check=False)
+    assert bad.returncode == 2 and "other settings (num_samples)" in bad.stderr

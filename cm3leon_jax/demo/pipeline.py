@@ -1,0 +1,442 @@
+"""`cm3leon demo`: the embedded end-to-end run, stage by stage.
+
+The demo is only wiring: every stage runs the project's own commands with
+the settings `gin/demo.gin` gives (`demo.*` bindings), in this order:
+
+  1. corpus     the shapes corpus as an image folder (images + captions.jsonl),
+                and a held-out set from another seed (real images for FID)
+  2. vqgan      `cm3leon tokenizer train-image`   (the image tokenizer)
+  3. clip       `cm3leon clip train`              (the retriever and the BPE)
+  4. task_data  `cm3leon task-data` = `prepare` + `embed` + `index build` +
+                `index neighbours`                 (demo_out/data)
+  5. train      `cm3leon train` on shapes_cm3_retrieval
+  6. generate   the ablation settings' samples for the held-out captions
+                (the code of `cm3leon generate`, one process for all settings)
+  7. evaluate   checker accuracy, CLIP-FID, CLIP score per setting
+                (the code of `cm3leon eval shapes / fid / clip_score`)
+  8. report     demo_out/report.md, grids and plots (demo/report.py)
+
+Stages 2-5 run as child processes (`python -m cm3leon_jax.cli ...`); their
+output goes to the terminal (prefixed with the stage's name while stages 1-3
+run at once) and to demo_out/logs/STAGE.log. A child gets SIGTERM if the
+demo dies, so no trainer outlives it. A finished stage
+writes `demo_out/stages/NAME.json`; a rerun skips finished stages and
+reruns the interrupted one, whose command resumes by itself (the trainers
+from their latest checkpoint, task-data per finished shard and stage,
+generation per finished setting). Delete a stage's JSON file to redo it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import gin
+
+STAGES = ("corpus", "vqgan", "clip", "task_data", "train", "generate", "evaluate", "report")
+STAGE_DIR = "stages"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One decoding setting of the ablations: a `cm3leon generate` call."""
+    name: str
+    decoding: str
+    cfg_scale: float
+    num_retrieved: int
+    num_samples: int
+
+    def generate_flags(self) -> List[str]:
+        return [f"--decoding={self.decoding}", f"--cfg_scale={self.cfg_scale:g}",
+                f"--num_retrieved={self.num_retrieved}", f"--num_samples={self.num_samples}"]
+
+
+def ablation_settings(retrieved: Sequence[int], cfg_scales: Sequence[float], decodings: Sequence[str],
+                      rerank_samples: int, base_decoding: str, base_cfg: float, base_retrieved: int) -> Dict:
+    """The ablation families around one base setting: (a) retrieved
+    documents and (b) CFG scale, one sample per caption; (c) decoding and
+    (d) CLIP reranking share one run per decoding with `rerank_samples`
+    samples per caption ((c) compares their mean and best-of-N accuracy, (d)
+    sample 0, exactly what one sample per caption gives, against the best of
+    N). Returns {"settings": [Setting] (unique), "tables": {family: [name]}}."""
+    def one(decoding, cfg, k, n):
+        return Setting(f"{decoding}_cfg{cfg:g}_r{k}_n{n}", decoding, float(cfg), int(k), int(n))
+
+    reranked = [one(d, base_cfg, base_retrieved, rerank_samples) for d in decodings]
+    tables = {
+        "retrieval": [one(base_decoding, base_cfg, k, 1) for k in retrieved],
+        "cfg": [one(base_decoding, c, base_retrieved, 1) for c in cfg_scales],
+        "decoding": reranked,
+        "rerank": reranked,
+    }
+    settings: Dict[str, Setting] = {}
+    for rows in tables.values():
+        for s in rows:
+            settings.setdefault(s.name, s)
+    return {"settings": list(settings.values()), "tables": {k: [s.name for s in v] for k, v in tables.items()}}
+
+
+def _cli(*args: str) -> List[str]:
+    return [sys.executable, "-m", "cm3leon_jax.cli", *args]
+
+
+def _die_with_parent():
+    """Child processes get SIGTERM when the demo dies (even by SIGKILL), so
+    a killed demo leaves no trainer running on its model dir; the trainers
+    checkpoint on SIGTERM."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _shown(cmd: List[str]) -> str:
+    if cmd[1:3] == ["-m", "cm3leon_jax.cli"]:
+        cmd = ["cm3leon"] + cmd[3:]
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+class Command:
+    """A stage's command as a child process. Its output lines go to the
+    terminal prefixed with the stage name (two stages may run at once) and
+    to demo_out/logs/STAGE.log."""
+
+    def __init__(self, stage: str, cmd: List[str], log_dir: str, prefix: bool):
+        import threading
+
+        os.makedirs(log_dir, exist_ok=True)
+        self.stage, self.shown = stage, _shown(cmd)
+        print(f"  [{stage}] $ {self.shown}", flush=True)
+        self.log = open(os.path.join(log_dir, f"{stage}.log"), "a", encoding="utf-8")
+        self.log.write(f"$ {self.shown}\n")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", bufsize=1,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.prefix = f"  [{stage}] " if prefix else "  "
+        self.tail: List[str] = []
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+            self.log.flush()
+            # progress bars redraw with carriage returns: show their latest state as a line
+            line = line.rstrip("\n").split("\r")[-1]
+            if line.strip():
+                self.tail = (self.tail + [line])[-20:]
+                print(self.prefix + line, flush=True)
+
+    def wait(self) -> None:
+        rc = self.proc.wait()
+        self.thread.join()
+        self.log.close()
+        if rc != 0:
+            raise RuntimeError(f"stage {self.stage}: `{self.shown}` failed with exit status {rc} (its output: "
+                               f"{self.log.name}); fix the cause and rerun `cm3leon demo` (finished stages are "
+                               "kept)")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # the trainers checkpoint on SIGTERM
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _fmt_seconds(s: float) -> str:
+    m, s = divmod(int(round(s)), 60)
+    return f"{m}m{s:02d}s"
+
+
+@gin.configurable("demo")
+@dataclasses.dataclass
+class DemoConfig:
+    """Everything `gin/demo.gin` sets; see that file for the choices."""
+    out_dir: str = "demo_out"
+    corpus_docs: int = 20000
+    corpus_seed: int = 0
+    heldout_captions: int = 200
+    heldout_seed: int = 777
+    vqgan_gin: str = "gin/vqgan_shapes.gin"
+    vqgan_bindings: Sequence[str] = ()
+    clip_gin: str = "gin/clip_shapes.gin"
+    clip_bindings: Sequence[str] = ()
+    task_data_flags: Sequence[str] = ()
+    train_gin: str = "gin/cm3leon_tiny.gin"
+    train_bindings: Sequence[str] = ()
+    retrieved: Sequence[int] = (0, 1, 2)
+    cfg_scales: Sequence[float] = (1.0, 3.0, 5.0, 7.0)
+    decodings: Sequence[str] = ("top_p", "cd_k", "mixed")
+    rerank_samples: int = 8
+    base_decoding: str = "top_p"
+    base_cfg: float = 3.0
+    base_retrieved: int = 2
+    top_p: float = 0.9
+    temperature: float = 1.0
+    seed: int = 0
+    batch_rows: int = 64
+    grid_prompts: int = 8
+    progress: bool = True
+
+    def path(self, *parts: str) -> str:
+        return os.path.abspath(os.path.join(self.out_dir, *parts))
+
+    @property
+    def ablations(self) -> Dict:
+        return ablation_settings(self.retrieved, self.cfg_scales, self.decodings, self.rerank_samples,
+                                 self.base_decoding, self.base_cfg, self.base_retrieved)
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def stage_corpus(c: DemoConfig) -> dict:
+    """Writes the training corpus and the held-out set as image folders
+    (00000.png ... + captions.jsonl). Held-out pairs come from another seed,
+    so none is in the training data or the memory bank."""
+    from cm3leon_jax.demo import shapes
+
+    out = {}
+    for name, seed, num in (("corpus", c.corpus_seed, c.corpus_docs), ("heldout", c.heldout_seed,
+                                                                         c.heldout_captions)):
+        shapes.write_corpus(c.path(name), seed, num, progress=c.progress, desc=name)
+        out[name] = {"dir": c.path(name), "seed": seed, "documents": num}
+    with open(os.path.join(c.path("corpus"), "captions.jsonl")) as f:
+        seen = {json.loads(line)["caption"] for line in f}
+    with open(os.path.join(c.path("heldout"), "captions.jsonl")) as f:
+        held = [json.loads(line)["caption"] for line in f]
+    with open(c.path("heldout", "prompts.txt"), "w") as f:  # for `cm3leon generate --prompts_file`
+        f.write("\n".join(held) + "\n")
+    out["heldout"]["captions_also_in_corpus"] = sum(h in seen for h in held)
+    return out
+
+
+def command_vqgan(c: DemoConfig) -> List[str]:
+    return _cli("tokenizer", "train-image", f"--gin_file={c.vqgan_gin}", f"--model_dir={c.path('vqgan')}",
+                *[f"--gin.{b}" for b in c.vqgan_bindings])
+
+
+def result_vqgan(c: DemoConfig) -> dict:
+    with open(c.path("vqgan", "eval.json")) as f:
+        return json.load(f)
+
+
+def command_clip(c: DemoConfig) -> List[str]:
+    return _cli("clip", "train", f"--gin_file={c.clip_gin}", f"--model_dir={c.path('clip')}",
+                *[f"--gin.{b}" for b in c.clip_bindings])
+
+
+def result_clip(c: DemoConfig) -> dict:
+    with open(c.path("clip", "eval.json")) as f:
+        return json.load(f)
+
+
+def command_task_data(c: DemoConfig) -> List[str]:
+    return _cli("task-data", f"--source=image_folder:{c.path('corpus')}", f"--out={c.path('data')}",
+                f"--vqgan_dir={c.path('vqgan')}", f"--text_tokenizer={c.path('clip', 'text_tokenizer')}",
+                f"--clip_dir={c.path('clip')}", *list(c.task_data_flags),
+                *(["--no_progress"] if not c.progress else []))
+
+
+def result_task_data(c: DemoConfig) -> dict:
+    with open(c.path("data", "prepared", "prepared.json")) as f:
+        man = json.load(f)
+    return {"documents": man["count"], "skipped": man.get("skipped", {}), "data_dir": c.path("data")}
+
+
+def command_train(c: DemoConfig) -> List[str]:
+    """`cm3leon train` on the task data; the unified vocabulary's text block
+    is sized to the BPE the data was prepared with (the CLIP's)."""
+    with open(c.path("data", "prepared", "prepared.json")) as f:
+        text_vocab = json.load(f)["settings"]["vocabulary"]["text_vocab_size"]
+    return _cli("train", f"--gin_file={c.train_gin}", f"--model_dir={c.path('model')}",
+                f"--gin.shapes_data_dir.path={c.path('data')!r}",
+                f"--gin.UnifiedVocabulary.text_vocab_size={int(text_vocab)}",
+                *[f"--gin.{b}" for b in c.train_bindings])
+
+
+def result_train(c: DemoConfig) -> dict:
+    from cm3leon_jax.demo import report
+
+    curve = report.read_loss_curve(c.path("model"))
+    return {"model_dir": c.path("model"), "steps": curve[-1][0] if curve else 0,
+            "final_loss": curve[-1][1] if curve else None}
+
+
+def heldout_prompts(c: DemoConfig) -> List[str]:
+    with open(c.path("heldout", "prompts.txt")) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def stage_generate(c: DemoConfig) -> dict:
+    """Every ablation setting's samples for every held-out caption, in
+    demo_out/samples/NAME/ (the layout of `cm3leon generate --out`). A
+    setting whose samples.json exists is kept (resumable per setting)."""
+    import gin as gin_lib
+
+    from cm3leon_jax.sampling import generate as gen_lib
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+
+    prompts = heldout_prompts(c)
+    bundle = gen_lib.load_model(c.path("model"))
+    gin_lib.clear_config()  # load_model parsed the model's config.gin; the demo's own is no longer needed
+    g = gen_lib.Generator(bundle)
+    done = {}
+    todo = c.ablations["settings"]
+    for k, s in enumerate(todo):
+        out = c.path("samples", s.name)
+        if os.path.isfile(os.path.join(out, "samples.json")):
+            print(f"  [{k + 1}/{len(todo)}] {s.name}: done earlier", flush=True)
+            done[s.name] = out
+            continue
+        t = time.time()
+        settings = SamplingSettings(s.decoding, temperature=c.temperature, top_p=c.top_p, cfg_scale=s.cfg_scale)
+        gen_lib.write_samples(g, prompts, out + ".partial", settings, num_samples=s.num_samples, seed=c.seed,
+                              num_retrieved=s.num_retrieved, batch_rows=c.batch_rows)
+        if os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(out + ".partial", out)
+        _check_samples_dir(out)
+        done[s.name] = out
+        print(f"  [{k + 1}/{len(todo)}] {s.name}: {len(prompts) * s.num_samples} images in "
+              f"{_fmt_seconds(time.time() - t)}", flush=True)
+    return {"prompts": len(prompts), "settings": done, "model_step": bundle.step}
+
+
+def _check_samples_dir(out: str) -> None:
+    """Every file samples.json lists (relative names: the rename keeps them) is there."""
+    with open(os.path.join(out, "samples.json")) as f:
+        rows = json.load(f)["prompts"]
+    missing = [s["file"] for r in rows for s in r["samples"] if not os.path.isfile(os.path.join(out, s["file"]))]
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} sample files missing after generation (e.g. {missing[0]})")
+
+
+def stage_evaluate(c: DemoConfig) -> dict:
+    """Per setting: shapes-checker accuracy, CLIP-FID against the held-out
+    real images (all samples, and the top-ranked one per caption), CLIP
+    score. Writes demo_out/samples/NAME/eval.json."""
+    from cm3leon_jax.eval import fid, samples
+
+    extractor = fid.ClipFeatures(c.path("clip"))
+    real = fid.feature_statistics(fid.directory_features(c.path("heldout"), extractor, progress=False)[0])
+    results = {}
+    for s in c.ablations["settings"]:
+        out = c.path("samples", s.name)
+        r = {"setting": dataclasses.asdict(s), "shapes": samples.shapes_accuracy(out),
+             "clip_score": samples.clip_score(out, c.path("clip"), encoder=extractor.encoder)}
+        for which in ("all", "top_ranked", "first_sample"):
+            feats, _ = fid.directory_features(out, extractor, progress=False,
+                                              files=samples.sample_files(out, which=which))
+            r[f"clip_fid_{which}"] = fid.frechet_distance(*real, *fid.feature_statistics(feats))
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(r, f, indent=1)
+        results[s.name] = r
+        print(f"  {s.name}: accuracy {r['shapes']['accuracy']:.3f} (best of {s.num_samples}: "
+              f"{r['shapes']['top_ranked_accuracy']:.3f}), CLIP-FID {r['clip_fid_top_ranked']:.4f}",
+              flush=True)
+    return {"settings": sorted(results)}
+
+
+def stage_report(c: DemoConfig) -> dict:
+    from cm3leon_jax.demo import report
+
+    return report.write_report(c)
+
+
+# Stages that run as a `cm3leon` child process: (command, result reader).
+COMMAND_STAGES = {"vqgan": (command_vqgan, result_vqgan), "clip": (command_clip, result_clip),
+                  "task_data": (command_task_data, result_task_data), "train": (command_train, result_train)}
+# Stages that run in the demo's own process.
+PROCESS_STAGES: Dict[str, Callable[[DemoConfig], dict]] = {
+    "corpus": stage_corpus, "generate": stage_generate, "evaluate": stage_evaluate, "report": stage_report}
+# Stages of one group run at once: the tokenizer and the retriever train on
+# the procedural stream, not on the written corpus (concurrent on 2 cores
+# they finish about 1.25x sooner than one after the other).
+GROUPS = (("corpus", "vqgan", "clip"), ("task_data",), ("train",), ("generate",), ("evaluate",), ("report",))
+STAGE_TITLES = {
+    "corpus": "shapes corpus", "vqgan": "VQ-GAN image tokenizer", "clip": "CLIP retriever",
+    "task_data": "prepare + embed + index", "train": "train the tiny CM3Leon", "generate": "generate",
+    "evaluate": "evaluate", "report": "report"}
+assert tuple(n for g in GROUPS for n in g) == STAGES
+
+
+def _head(name: str) -> str:
+    return f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}"
+
+
+def run(c: DemoConfig, only: Sequence[str] = (), redo: Sequence[str] = ()) -> dict:
+    """Runs the stages not yet finished (or `only` these), in order; the
+    stages of a group at the same time."""
+    for name in list(only) + list(redo):
+        if name not in STAGES:
+            raise ValueError(f"unknown demo stage {name!r}; the stages are {', '.join(STAGES)}")
+    os.makedirs(c.path(STAGE_DIR), exist_ok=True)
+    for name in redo:
+        if os.path.exists(c.path(STAGE_DIR, f"{name}.json")):
+            os.remove(c.path(STAGE_DIR, f"{name}.json"))
+    start, results = time.time(), {}
+
+    def marker(name):
+        return c.path(STAGE_DIR, f"{name}.json")
+
+    def finish(name, t0, result):
+        result = dict(result, seconds=round(time.time() - t0, 1))
+        with open(marker(name) + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(marker(name) + ".tmp", marker(name))
+        results[name] = result
+        print(f"{_head(name)}: done in {_fmt_seconds(result['seconds'])} (total "
+              f"{_fmt_seconds(time.time() - start)})", flush=True)
+
+    for group in GROUPS:
+        pending = []
+        for name in group:
+            if only and name not in only:
+                continue
+            if os.path.isfile(marker(name)) and name not in only:
+                with open(marker(name)) as f:
+                    results[name] = json.load(f)
+                print(f"{_head(name)}: finished earlier ({results[name].get('seconds', 0):.0f} s), kept "
+                      f"(delete {os.path.relpath(marker(name))} to redo it)", flush=True)
+            else:
+                pending.append(name)
+        running = []
+        try:
+            for name in pending:
+                if name in COMMAND_STAGES:
+                    print(f"{_head(name)} ...", flush=True)
+                    running.append((name, time.time(), Command(name, COMMAND_STAGES[name][0](c),
+                                                               c.path("logs"), prefix=len(pending) > 1)))
+            for name in pending:
+                if name in PROCESS_STAGES:
+                    print(f"{_head(name)} ...", flush=True)
+                    t0 = time.time()
+                    finish(name, t0, PROCESS_STAGES[name](c))
+            failure = None
+            for name, t0, cmd in running:
+                try:
+                    cmd.wait()
+                    finish(name, t0, COMMAND_STAGES[name][1](c))
+                except RuntimeError as e:  # let the other stage of the group finish, then stop
+                    failure = failure or e
+            if failure:
+                raise failure
+        except BaseException:
+            for _, _, cmd in running:
+                cmd.kill()
+            raise
+    return results

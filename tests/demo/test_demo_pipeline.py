@@ -1,0 +1,139 @@
+"""`cm3leon demo`: the ablation plan, and a miniature of the whole run that is
+killed (SIGKILL, the whole process group) while training and run again: the
+finished stages are kept, training resumes from its checkpoint, and the
+report, grids and plots are written."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cm3leon_jax.demo import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_ablation_plan_has_each_family_around_one_base():
+    plan = pipeline.ablation_settings(retrieved=(0, 1, 2), cfg_scales=(1, 3, 5, 7), decodings=("top_p", "cd_k",
+                                                                                               "mixed"),
+                                      rerank_samples=8, base_decoding="top_p", base_cfg=3, base_retrieved=2)
+    by_name = {s.name: s for s in plan["settings"]}
+    assert len(by_name) == len(plan["settings"])  # unique
+    t = plan["tables"]
+    assert [by_name[n].num_retrieved for n in t["retrieval"]] == [0, 1, 2]
+    assert [by_name[n].cfg_scale for n in t["cfg"]] == [1.0, 3.0, 5.0, 7.0]
+    assert [by_name[n].decoding for n in t["decoding"]] == ["top_p", "cd_k", "mixed"]
+    assert all(by_name[n].num_samples == 8 and by_name[n].cfg_scale == 3 for n in t["decoding"])
+    assert t["rerank"] == t["decoding"]  # (d) reads sample 0 and the best of 8 of (c)'s runs
+    # the base setting is one run shared by (a) and (b)
+    base = "top_p_cfg3_r2_n1"
+    assert base in t["retrieval"] and base in t["cfg"]
+    # 3 retrieval + 3 more CFG scales + 3 reranked decodings
+    assert len(by_name) == 3 + 3 + 3
+    assert by_name[base].generate_flags() == ["--decoding=top_p", "--cfg_scale=3", "--num_retrieved=2",
+                                              "--num_samples=1"]
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo stage 'trian'"):
+        pipeline.run(pipeline.DemoConfig(out_dir=str(tmp_path)), only=["trian"])
+
+
+MINI_GIN = """
+include 'gin/demo.gin'
+demo.corpus_docs = 240
+demo.heldout_captions = 4
+demo.vqgan_bindings = ['train_vqgan.train_steps = 12', 'train_vqgan.checkpoint_every = 6',
+                       'train_vqgan.eval_images = 8', 'train_vqgan.warmup_steps = 2']
+demo.clip_bindings = ['train_clip.train_steps = 6', 'train_clip.checkpoint_every = 3', 'train_clip.batch_size = 16',
+                      'train_clip.train_examples = 256', 'train_clip.eval_pool = 32', 'train_clip.eval_queries = 8',
+                      'train_clip.warmup_steps = 2']
+demo.task_data_flags = ['--records_per_shard=100', '--k=8']
+demo.train_bindings = ['TRAIN_STEPS = 60', 'train.checkpoint_every = 5', 'train.log_every = 5',
+                       'BATCH_SIZE = 2', 'WARMUP_STEPS = 2']
+demo.retrieved = [0, 2]
+demo.cfg_scales = [1.0, 3.0]
+demo.decodings = ['top_p', 'cd_k']
+demo.rerank_samples = 2
+demo.batch_rows = 8
+demo.grid_prompts = 2
+"""
+
+
+def _demo(out_dir: str, gin_file: str, log, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "cm3leon_jax.cli", "demo", f"--gin_file={gin_file}",
+                             f"--out_dir={out_dir}", "--no_progress"], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, **kw)
+
+
+def _checkpoint_steps(model_dir: str):
+    d = os.path.join(model_dir, "checkpoints")
+    return sorted(int(p) for p in os.listdir(d) if p.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_mini_demo_killed_in_training_resumes_and_writes_the_report(tmp_path):
+    gin_file = tmp_path / "mini.gin"
+    gin_file.write_text(MINI_GIN)
+    out = tmp_path / "out"
+    model_dir = out / "model"
+    log1 = open(tmp_path / "run1.log", "w")
+    proc = _demo(str(out), str(gin_file), log1, start_new_session=True)
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = _checkpoint_steps(str(model_dir))
+            if steps and steps[-1] >= 10:  # training is under way with a committed checkpoint
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the demo ended before training was checkpointed:\n" + \
+            (tmp_path / "run1.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the demo and its trainer, no warning
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log1.close()
+    first = (tmp_path / "run1.log").read_text()
+    finished_before = {s for s in pipeline.STAGES if (out / "stages" / f"{s}.json").exists()}
+    assert finished_before == {"corpus", "vqgan", "clip", "task_data"}, first[-3000:]
+    corpus_mtime = os.path.getmtime(out / "corpus" / "captions.jsonl")
+    killed_at = _checkpoint_steps(str(model_dir))[-1]
+
+    with open(tmp_path / "run2.log", "w") as log2:
+        rc = _demo(str(out), str(gin_file), log2).wait(timeout=900)
+    second = (tmp_path / "run2.log").read_text()
+    assert rc == 0, second[-4000:]
+    for stage in ("shapes corpus", "VQ-GAN image tokenizer", "CLIP retriever", "prepare + embed + index"):
+        assert f"{stage}: finished earlier" in second, second[:3000]
+    assert os.path.getmtime(out / "corpus" / "captions.jsonl") == corpus_mtime  # not rewritten
+    assert "resumed from step" in second
+    resumed = int(second.split("resumed from step")[1].split()[0])
+    assert 5 <= resumed <= killed_at
+    assert _checkpoint_steps(str(model_dir))[-1] == 60
+
+    for name in ("report.md", "grid_settings.png", "grid_rerank.png", "loss_curve.png", "accuracy_vs_cfg.png",
+                 "results.json"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tables"]) == {"retrieval", "cfg", "decoding", "rerank"}
+    for name, e in results["evals"].items():
+        n = e["setting"]["num_samples"]
+        assert e["shapes"]["num_samples"] == 4 * n and e["shapes"]["num_prompts"] == 4
+        assert 0.0 <= e["shapes"]["accuracy"] <= 1.0
+        assert e["clip_fid_all"] >= 0.0
+        assert f"| {name}" not in report  # rows carry labels, not internal names
+    assert "(a) Retrieved documents" in report and "(d) CLIP reranking: 1 vs 2" in report
+    for e in results["evals"].values():
+        assert e["clip_fid_first_sample"] >= 0.0 and e["clip_fid_top_ranked"] >= 0.0
+    assert "cm3leon generate --model_dir=" in report
+    # the report's reproduce command gives the same samples as the demo's in-process generation
+    json_line = json.loads(second.strip().splitlines()[-1])
+    assert json_line["report"] == str(out / "report.md")
