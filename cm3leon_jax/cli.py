@@ -213,18 +213,7 @@ def _add_generate(sub):
     p.add_argument("--keep", type=int, default=None, help="write only the best K by CLIP score (default: all)")
     p.add_argument("--batch_rows", type=int, default=32,
                    help="rows (prompt x sample) per sampler call (default 32); results do not depend on it")
-    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
-                   help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
-                        "conditional, amateur = unconditional stream), mixed (half the samples each; "
-                        "default), greedy")
-    p.add_argument("--cfg_scale", type=float, default=3.0,
-                   help="classifier-free guidance scale alpha_c (default 3; 1 turns guidance off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus mass kept (default 0.9)")
-    p.add_argument("--top_k", type=int, default=0, help="top-k filter before top-p (default 0: none)")
-    p.add_argument("--cd_alpha", type=float, default=0.1,
-                   help="CD-K: a token is allowed if p_exp >= alpha * kmax(p_exp) (default 0.1)")
-    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax (default 5)")
+    add_sampling_args(p)
     p.add_argument("--num_retrieved", type=int, default=0,
                    help="documents retrieved for the prompt and prepended, as in training (default 0; "
                         "the paper uses 2)")
@@ -239,6 +228,30 @@ def _add_generate(sub):
     p.add_argument("--clip_dir", default=None, help="override the CLIP of the training data")
     p.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir (bank and index for retrieval)")
     p.set_defaults(func=cmd_generate)
+
+
+def add_sampling_args(p) -> None:
+    """The decoding flags of `generate` and `eval coco`; `sampling_settings`
+    turns them into a SamplingSettings."""
+    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
+                   help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
+                        "conditional, amateur = unconditional stream), mixed (half the samples each; "
+                        "default), greedy")
+    p.add_argument("--cfg_scale", type=float, default=3.0,
+                   help="classifier-free guidance scale alpha_c (default 3; 1 turns guidance off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus mass kept (default 0.9)")
+    p.add_argument("--top_k", type=int, default=0, help="top-k filter before top-p (default 0: none)")
+    p.add_argument("--cd_alpha", type=float, default=0.1,
+                   help="CD-K: a token is allowed if p_exp >= alpha * kmax(p_exp) (default 0.1)")
+    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax (default 5)")
+
+
+def sampling_settings(args):
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+
+    return SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            cfg_scale=args.cfg_scale, cd_alpha=args.cd_alpha, cd_k=args.cd_k)
 
 
 def _add_index(sub):
@@ -505,11 +518,8 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
         if args.image is None and not args.out:
             raise ValueError("--out is required for text -> image")
         from cm3leon_jax.sampling import generate as gen_lib
-        from cm3leon_jax.sampling.sampler import SamplingSettings
 
-        settings = SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p,
-                                    top_k=args.top_k, cfg_scale=args.cfg_scale, cd_alpha=args.cd_alpha,
-                                    cd_k=args.cd_k)
+        settings = sampling_settings(args)
         bundle = gen_lib.load_model(args.model_dir, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
                                     args.data_dir)
         g = gen_lib.Generator(bundle, quantize=args.quantize)

@@ -123,6 +123,7 @@ class Command:
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self.prefix = f"  [{stage}] " if prefix else "  "
         self.tail: List[str] = []
+        self._last_bar = 0.0
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
 
@@ -132,6 +133,10 @@ class Command:
             self.log.flush()
             # progress bars redraw with carriage returns: show their latest state as a line
             line = line.rstrip("\n").split("\r")[-1]
+            if "%|" in line:  # a tqdm bar (written whole at each update into a pipe): every 10 s at most
+                if time.time() - self._last_bar < 10 and not line.split("%|")[0].endswith("100"):
+                    continue
+                self._last_bar = time.time()
             if line.strip():
                 self.tail = (self.tail + [line])[-20:]
                 print(self.prefix + line, flush=True)

@@ -250,7 +250,10 @@ def write_report(c) -> dict:
         lines += [f"### {title}", ""]
         if family == "decoding":
             lines += ["Each decoding draws N samples per caption: the accuracy of a sample (mean over all N) "
-                      "and of the best of the N by CLIP score.", "",
+                      "and of the best of the N by CLIP score. CD-K takes the token that maximises "
+                      "log p_expert - log p_amateur among the allowed ones (no sampling, as the paper "
+                      "describes it), so its N samples are one image, and mixed's odd samples are that image.",
+                      "",
                       "| setting | accuracy (mean of N) | facts (mean of N) | best of N by CLIP | CLIP-FID (all) | "
                       "CLIP score (all) |", "|---|---:|---:|---:|---:|---:|"]
         elif family == "rerank":

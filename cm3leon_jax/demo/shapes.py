@@ -391,7 +391,7 @@ def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progre
     path = os.path.join(out_dir, "captions.jsonl")
     with open(path + ".tmp", "w") as f:
         for i, ex in enumerate(tqdm(generate(seed, num, resolution), total=num, desc=desc, unit="img",
-                                    file=sys.stderr, disable=not progress, dynamic_ncols=True)):
+                                    file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=2)):
             name = f"{i:0{width}d}.png"
             Image.fromarray(ex.image).save(os.path.join(out_dir, name))
             f.write(json.dumps({"file": name, "caption": ex.caption}) + "\n")

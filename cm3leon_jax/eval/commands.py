@@ -108,11 +108,9 @@ def add_eval(sub) -> None:
     co.add_argument("--inception_weights", default=None,
                     help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for --features=inception)")
     co.add_argument("--clip_dir", default=None, help="CLIP model dir for --features=clip")
-    co.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
-                    help="as for `cm3leon generate` (default mixed: the paper's best)")
-    co.add_argument("--cfg_scale", type=float, default=3.0, help="CFG scale (default 3)")
-    co.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (default 0.9)")
-    co.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    from cm3leon_jax.cli import add_sampling_args
+
+    add_sampling_args(co)  # as `cm3leon generate`: mixed top-p / CD-K, CFG 3 by default
     co.add_argument("--num_samples", type=int, default=8,
                     help="samples per caption, reranked by CLIP; the best is kept (default 8, as the paper)")
     co.add_argument("--num_retrieved", type=int, default=2, help="retrieved documents (default 2, as the paper)")
@@ -187,16 +185,15 @@ def cmd_coco(args, gin_bindings: List[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
 
     def job():
+        from cm3leon_jax.cli import sampling_settings
         from cm3leon_jax.eval import coco
-        from cm3leon_jax.sampling.sampler import SamplingSettings
 
         if args.features == "clip" and not args.clip_dir:
             raise ValueError("--features=clip needs --clip_dir (a CLIP model dir)")
         for name in ("num_samples", "batch_rows"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-        settings = SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p,
-                                    cfg_scale=args.cfg_scale)
+        settings = sampling_settings(args)
         return coco.run_protocol(args.model_dir, args.coco_dir, args.out, num_images=args.num_images,
                                  split=args.split, seed=args.seed, sampling=settings, num_samples=args.num_samples,
                                  num_retrieved=args.num_retrieved, features=args.features,

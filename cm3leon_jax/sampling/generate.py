@@ -119,6 +119,13 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
                        prepared_dir=prepared_dir)
 
 
+# Candidates searched for the strategy to choose from. The diversity rule
+# skips a candidate scoring above 0.9 against the query; in a small or
+# repetitive corpus (the demo's shapes grammar: a held-out caption has a
+# median of ~30 documents above 0.9) the first few dozen can all be skipped.
+RETRIEVAL_CANDIDATES = 256
+
+
 def _need(value, what: str, flag: str):
     if not value or not os.path.exists(value):
         raise ValueError(f"generation needs the {what} ({value!r} not found): pass {flag}")
@@ -179,7 +186,7 @@ class Generator:
             self._retriever = (MipsIndex.load(index_dir), bank, PreparedDataset(self.b.prepared_dir))
         index, bank, store = self._retriever
         key = self.clip.encode_texts([prompt])[0]
-        ids, scores = index.search(key, min(max(4 * k, 16), index.size))
+        ids, scores = index.search(key, min(max(4 * k, RETRIEVAL_CANDIDATES), index.size))
         rows = bank.rows(ids)
         cands = [strategy.Candidate(int(i), float(s), bool(bank.modalities[r, 0]), bool(bank.modalities[r, 1]),
                                     f"{int(bank.content_hashes[r]):016x}" if bank.content_hashes is not None else None)

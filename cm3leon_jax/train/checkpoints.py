@@ -122,4 +122,4 @@ def abstract_with_sharding(abstract_tree, shardings):
 
 
 def checkpoint_dir(model_dir: str) -> str:
-    return os.path.join(model_dir, "checkpoints")
+    return os.path.abspath(os.path.join(model_dir, "checkpoints"))  # orbax wants absolute paths
