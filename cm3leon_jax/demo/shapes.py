@@ -393,7 +393,7 @@ def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progre
         for i, ex in enumerate(tqdm(generate(seed, num, resolution), total=num, desc=desc, unit="img",
                                     file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=2)):
             name = f"{i:0{width}d}.png"
-            Image.fromarray(ex.image).save(os.path.join(out_dir, name))
+            Image.fromarray(ex.image).save(os.path.join(out_dir, name), compress_level=1)  # lossless; fast
             f.write(json.dumps({"file": name, "caption": ex.caption}) + "\n")
     os.replace(path + ".tmp", path)
     return path
