@@ -214,6 +214,10 @@ def _add_generate(sub):
     p.add_argument("--batch_rows", type=int, default=32,
                    help="rows (prompt x sample) per sampler call (default 32); results do not depend on it")
     add_sampling_args(p)
+    p.add_argument("--image_cfg_scale", type=float, default=None,
+                   help="image + instruction -> image (editing, edge map -> image) with a `cm3leon finetune` "
+                        "model: two-scale guidance, s_I for the input image (InstructPix2Pix: 1.5) and "
+                        "--cfg_scale for the instruction (7.5); writes --num_samples PNGs to --out")
     p.add_argument("--num_retrieved", type=int, default=0,
                    help="documents retrieved for the prompt and prepended, as in training (default 0; "
                         "the paper uses 2)")
@@ -331,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip(sub)
     from cm3leon_jax.demo.commands import add_demo
     from cm3leon_jax.eval.commands import add_eval
+    from cm3leon_jax.sft.commands import add_finetune, add_sft
 
+    add_finetune(sub)
+    add_sft(sub)
     add_eval(sub)
     add_demo(sub)
     return parser
@@ -515,11 +522,16 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
             raise ValueError("nothing to generate: give --prompt, --prompts_file or --image")
         if args.num_samples < 1:
             raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
-        if args.image is None and not args.out:
-            raise ValueError("--out is required for text -> image")
+        if (args.image is None or args.image_cfg_scale is not None) and not args.out:
+            raise ValueError("--out is required for image outputs (text -> image, or --image with "
+                             "--image_cfg_scale)")
         from cm3leon_jax.sampling import generate as gen_lib
 
         settings = sampling_settings(args)
+        if args.image_cfg_scale is not None:
+            import dataclasses
+
+            settings = dataclasses.replace(settings, image_cfg_scale=args.image_cfg_scale)
         bundle = gen_lib.load_model(args.model_dir, args.vqgan_dir, args.text_tokenizer, args.clip_dir,
                                     args.data_dir)
         g = gen_lib.Generator(bundle, quantize=args.quantize)
@@ -527,6 +539,8 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
             from cm3leon_jax.data.images import load_image
 
             image = load_image(args.image, g.vq.resolution)
+            if args.image_cfg_scale is not None:
+                return _write_edits(g, image, args, settings)
             text = g.text_from_image(image, args.prompt or "", settings, args.seed, args.max_text_tokens)
             print(json.dumps({"image": args.image, "prompt": args.prompt, "text": text}), flush=True)
             return 0
@@ -537,6 +551,28 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
         return _input_error(e)
     print(json.dumps({"out": os.path.abspath(args.out), "prompts": len(prompts),
                       "images": sum(len(r["samples"]) for r in report)}), flush=True)
+    return 0
+
+
+def _write_edits(g, image, args, settings) -> int:
+    import os
+
+    from PIL import Image
+
+    if not g.b.sft:
+        raise ValueError(f"--image_cfg_scale needs a fine-tuned model (`cm3leon finetune`); {args.model_dir!r} "
+                         "was trained on a pretraining task")
+    if not args.prompt:
+        raise ValueError("--image_cfg_scale needs the instruction: pass --prompt (e.g. 'make the circle green')")
+    images = g.edit_image(image, args.prompt, args.num_samples, settings, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    files = []
+    for j, img in enumerate(images):
+        files.append(f"edit_{j}.png")
+        Image.fromarray(img).save(os.path.join(args.out, files[-1]))
+    print(json.dumps({"image": args.image, "prompt": args.prompt, "out": os.path.abspath(args.out),
+                      "files": files, "cfg_scale": settings.cfg_scale,
+                      "image_cfg_scale": settings.image_cfg_scale}), flush=True)
     return 0
 
 
@@ -688,7 +724,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         sub = {"tokenizer": "tokenizer", "convert": "convert", "index": "index",
-               "clip": "clip", "eval": "eval"}.get(args.command)
+               "clip": "clip", "eval": "eval", "sft": "sft"}.get(args.command)
         if sub:
             parser.parse_args([sub, "--help"])
         parser.print_help()

@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 # Modules whose import registers SeqIO tasks; the data issues add theirs here.
-TASK_MODULES = ("cm3leon_jax.data.synthetic", "cm3leon_jax.data.tasks")
+TASK_MODULES = ("cm3leon_jax.data.synthetic", "cm3leon_jax.data.tasks", "cm3leon_jax.sft.tasks")
 
 
 def import_task_modules(extra: tuple = ()):
@@ -54,6 +54,58 @@ def check_vocabulary(name: str, model_vocab_size: int):
                 "dataset's manifest lists them) or use a bigger model vocabulary")
 
 
+def is_prefix_lm(name: str) -> bool:
+    """Whether a task (or mixture) has an "inputs" feature (the SFT tasks):
+    it then trains through the prefix-LM feature converter."""
+    import seqio
+
+    import_task_modules()
+    return "inputs" in seqio.get_mixture_or_task(name).output_features
+
+
+def feature_converter(name: str, pack: bool = True):
+    """The training feature converter of a task: SeqIO's DecoderFeatureConverter
+    ("targets" only), or for tasks with "inputs" `sft.tasks.sft_feature_converter`
+    (gin-configured loss masking)."""
+    import seqio
+
+    if is_prefix_lm(name):
+        from cm3leon_jax.sft.tasks import sft_feature_converter
+
+        return sft_feature_converter(pack=pack)
+    return seqio.DecoderFeatureConverter(pack=pack)
+
+
+def decoder_length(name: str, task_feature_lengths: Mapping[str, int]) -> int:
+    """The model's sequence length for a task's feature lengths: "targets",
+    plus "inputs" for prefix-LM tasks (they are concatenated)."""
+    if "targets" not in task_feature_lengths:
+        raise ValueError(f"TASK_FEATURE_LENGTHS needs a 'targets' length, got {dict(task_feature_lengths)}")
+    if is_prefix_lm(name):
+        if "inputs" not in task_feature_lengths:
+            raise ValueError(f"SeqIO task {name!r} has inputs and targets: TASK_FEATURE_LENGTHS needs both "
+                             f"lengths, got {dict(task_feature_lengths)}")
+        return int(task_feature_lengths["inputs"]) + int(task_feature_lengths["targets"])
+    return int(task_feature_lengths["targets"])
+
+
+def check_not_empty(name: str, split: str = "train"):
+    """A task whose source can count its records (SFT) must have some in
+    `split`; a mixture must have a task with a positive rate."""
+    import seqio
+
+    import_task_modules()
+    provider = seqio.get_mixture_or_task(name)
+    if isinstance(provider, seqio.Mixture):
+        if sum(provider.get_rate(t) for t in provider.tasks) <= 0:
+            raise ValueError(f"SeqIO mixture {name!r}: every task has rate 0 (no {split} data): prepare its data")
+        return
+    count = getattr(provider.source, "count", None)
+    if callable(count) and count(split) == 0:
+        raise ValueError(f"SeqIO task {name!r} has no {split!r} records (its data dir is empty or missing): "
+                         "prepare its data")
+
+
 class TrainIterator:
     """Iterator over numpy batches with `state()` / resume via `start_batch`."""
 
@@ -65,6 +117,7 @@ class TrainIterator:
 
         tf.config.set_visible_devices([], "GPU")  # TF must not take accelerator memory
         check_task_name(mixture_or_task_name)
+        check_not_empty(mixture_or_task_name, split)
         if batch_size % num_shards:
             raise ValueError(f"batch_size {batch_size} is not divisible by {num_shards} hosts")
         self.spec = {"task": mixture_or_task_name, "seed": int(seed), "batch_size": int(batch_size),
@@ -79,7 +132,7 @@ class TrainIterator:
             num_epochs=None,
             seed=seed,
             shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-            feature_converter=seqio.DecoderFeatureConverter(pack=pack),
+            feature_converter=feature_converter(mixture_or_task_name, pack=pack),
             use_cached=False,
         )
         ds = ds.batch(batch_size // num_shards, drop_remainder=True)

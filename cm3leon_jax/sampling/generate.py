@@ -50,6 +50,7 @@ class ModelBundle:
     bank_dir: Optional[str]
     index_dir: Optional[str]
     prepared_dir: Optional[str]
+    sft: bool = False        # fine-tuned on SFT tasks: prompts in the sft/format.py layout
 
 
 def _latest_params(model_dir: str):
@@ -103,10 +104,22 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
         paths = tasks_lib.task_paths(task) if task else None
         if paths:
             prepared_dir, bank_dir = paths
-    models = {}
+    models, sft = {}, False
     if prepared_dir and os.path.isfile(os.path.join(prepared_dir, "prepared.json")):
         with open(os.path.join(prepared_dir, "prepared.json")) as f:
             models = json.load(f).get("models", {})
+    elif task:
+        from cm3leon_jax.data import pipeline
+        from cm3leon_jax.sft import records as sft_records
+        from cm3leon_jax.sft import tasks as sft_tasks
+
+        try:
+            sft = pipeline.is_prefix_lm(task)
+        except ValueError:
+            sft = False
+        sft_dir = sft_tasks.sft_data_dir_of(task) if sft else None
+        if sft_dir and os.path.isfile(os.path.join(sft_dir, sft_records.MANIFEST)):
+            models = sft_records.read_manifest(sft_dir).get("models", {})
     index_dir = None
     if bank_dir:
         index_dir = os.path.join(os.path.dirname(bank_dir), tasks_lib.INDEX_SUBDIR)
@@ -116,7 +129,7 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
                        vqgan_dir=vqgan_dir or models.get("vqgan_dir"),
                        text_tokenizer=text_tokenizer or models.get("text_tokenizer"),
                        clip_dir=clip_dir or models.get("clip_dir"), bank_dir=bank_dir, index_dir=index_dir,
-                       prepared_dir=prepared_dir)
+                       prepared_dir=prepared_dir, sft=sft)
 
 
 # Candidates searched for the strategy to choose from. The diversity rule
@@ -255,15 +268,40 @@ class Generator:
         return [(imgs[i * num_samples:(i + 1) * num_samples], codes[i * num_samples:(i + 1) * num_samples],
                  retrieved[i]) for i in range(len(prompts))]
 
+    def image_ids(self, image: np.ndarray) -> np.ndarray:
+        """Unified ids of an image's VQ-GAN codes."""
+        codes = self.vq.encode(image[None])[0].reshape(-1)
+        return self.b.vocab.image_code_to_id(codes.astype(np.int64)).astype(np.int32)
+
+    def edit_image(self, image: np.ndarray, instruction: str, num_samples: int, settings, seed: int):
+        """Image + instruction -> images (editing, image-to-image grounded
+        generation) with a fine-tuned model: uint8 [N, H, W, 3]. With
+        guidance, two-scale guidance (settings.image_cfg_scale and cfg_scale;
+        sft/infer.py). Sample j draws from fold_in(PRNGKey(seed + j), 0)."""
+        from cm3leon_jax.sft import infer
+
+        text = self.text.encode(instruction)
+        if not text.size:
+            raise ValueError("empty instruction: give --prompt")
+        prompts = [(text.tolist(), self.image_ids(image).tolist())] * num_samples
+        codes = infer.complete(self, prompts, output="image", settings=settings, seed=seed)
+        return self.vq.decode(np.stack(codes))
+
     def text_from_image(self, image: np.ndarray, prompt: str, settings, seed: int, max_tokens: int = 64) -> str:
         import jax
         import jax.numpy as jnp
 
         from cm3leon_jax.sampling import sampler
 
-        codes = self.vq.encode(image[None])[0].reshape(-1)
-        ids = self.b.vocab.image_code_to_id(codes.astype(np.int64)).astype(np.int32).tolist()
-        toks = ids + [vocab_lib.BREAK_ID] + (self.text.encode(prompt).tolist() if prompt else [])
+        ids = self.image_ids(image).tolist()
+        if self.b.sft:  # a fine-tuned model: instruction <break> image <break> (sft/format.py)
+            from cm3leon_jax.sft import format as sft_format
+
+            if not prompt:
+                raise ValueError("a fine-tuned model needs the instruction: pass --prompt")
+            toks = sft_format.layout(self.text.encode(prompt), ids, [])[0].tolist()
+        else:
+            toks = ids + [vocab_lib.BREAK_ID] + (self.text.encode(prompt).tolist() if prompt else [])
         ct, cs = sampler.left_pad([toks])
         out, n = sampler.generate(self.params, jnp.asarray(ct), jnp.asarray(cs), jax.random.PRNGKey(seed),
                                   cfg=self.b.cfg, max_new_tokens=max_tokens, settings=settings,

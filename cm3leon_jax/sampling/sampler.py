@@ -5,6 +5,10 @@ emitted `<eos>` (PAPER.md, "Decoding").
 Guidance runs the conditional and unconditional prompts as one doubled
 batch (rows [0, B) conditional, [B, 2B) unconditional) through the same
 cache; both streams are fed the token chosen from the guided logits.
+Two-scale guidance (editing: InstructPix2Pix's image and text scales) adds
+a third stream conditioned on the input image only (rows [2B, 3B)):
+`uncond + s_I (image_only - uncond) + s_T (cond - image_only)`, with
+s_I = `image_cfg_scale` and s_T = `cfg_scale`.
 
 Token choice per row (`SamplingSettings.decoding`):
   "greedy"  argmax of the (guided) logits;
@@ -42,6 +46,7 @@ class SamplingSettings:
     top_p: float = 0.9
     top_k: int = 0
     cfg_scale: float = 1.0     # alpha_c; used when an unconditional prompt is given
+    image_cfg_scale: float = 1.0  # s_I of two-scale guidance; used when an image-only prompt is given
     cd_alpha: float = 0.1      # assumption: the paper gives neither alpha nor k for CD-K
     cd_k: int = 5
 
@@ -87,15 +92,26 @@ class Constraint:
         return jnp.asarray(allowed), jnp.asarray(allowed)
 
 
+BOS_ID = vocab_lib.PAD_ID  # what training feeds at a sequence's first position
+
+
 def left_pad(prompts, pad_id: int = vocab_lib.PAD_ID, length: Optional[int] = None):
-    """Token lists -> (int32 [B, P] left-padded, starts [B]: first real slot)."""
+    """Token lists -> (int32 [B, 1 + P] left-padded, starts [B]: first real slot).
+
+    Each prompt is preceded by the BOS training sees: SeqIO's feature
+    converters shift the targets right, so a training sequence's first
+    input is 0 (<pad>) at position 0 and its first token is fed at position
+    1. Without it a prompt's tokens would sit one position early (every image
+    code one grid cell off). `length` is the longest prompt without the BOS
+    (default: the longest given)."""
     n = max(len(p) for p in prompts) if length is None else length
-    out = np.full((len(prompts), n), pad_id, np.int32)
+    out = np.full((len(prompts), n + 1), pad_id, np.int32)
     starts = np.zeros(len(prompts), np.int32)
     for i, p in enumerate(prompts):
         if len(p) > n or not len(p):
             raise ValueError(f"prompt {i} has {len(p)} tokens; prompts need 1 to {n}")
-        out[i, n - len(p):] = p
+        out[i, n - len(p) + 1:] = p
+        out[i, n - len(p)] = BOS_ID
         starts[i] = n - len(p)
     return out, starts
 
@@ -143,7 +159,8 @@ def decoding_shardings(cfg: DecoderConfig, mesh, rules=None):
 def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens: int,
              settings: SamplingSettings = SamplingSettings(), constraint: Constraint = Constraint(),
              vocab: vocab_lib.UnifiedVocabulary = vocab_lib.UnifiedVocabulary(),
-             uncond_prompts=None, uncond_starts=None, cache_sharding=None, cd_rows=None):
+             uncond_prompts=None, uncond_starts=None, cache_sharding=None, cd_rows=None,
+             image_only_prompts=None, image_only_starts=None):
     """Samples `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -153,6 +170,9 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         batch (so batching prompts together changes nothing).
       uncond_prompts, uncond_starts: the unconditional stream (same P), for
         classifier-free guidance and CD-K; None runs unguided.
+      image_only_prompts, image_only_starts: with the unconditional stream,
+        the stream conditioned on the input image alone (same P): two-scale
+        guidance with `settings.image_cfg_scale` and `settings.cfg_scale`.
       cd_rows: for decoding="mixed", bool [B]: the rows that use CD-K (the
         rest top-p); default the odd rows.
       cache_sharding: the KV cache's NamedSharding (`decoding_shardings`);
@@ -171,8 +191,13 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     if p + max_new_tokens > cfg.max_length:
         raise ValueError(f"prompt ({p}) + new tokens ({max_new_tokens}) exceed DecoderConfig.max_length="
                          f"{cfg.max_length}")
-    toks = jnp.concatenate([prompts, uncond_prompts]) if guided else prompts
-    st = jnp.concatenate([starts, uncond_starts]) if guided else starts
+    two_scale = image_only_prompts is not None
+    if two_scale and not guided:
+        raise ValueError("two-scale guidance (image_only_prompts) also needs the unconditional prompt")
+    streams = ([prompts, uncond_prompts] + ([image_only_prompts] if two_scale else [])) if guided else [prompts]
+    stream_starts = ([starts, uncond_starts] + ([image_only_starts] if two_scale else [])) if guided else [starts]
+    toks = jnp.concatenate(streams)
+    st = jnp.concatenate(stream_starts)
     rows = toks.shape[0]
     layers = layer_params(params, cfg)  # once per call, outside the loops
     total = cache_length(p + max_new_tokens)
@@ -198,7 +223,11 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         """(guided, conditional, unconditional) logits [B, V]."""
         if not guided:
             return last, last, last
-        cond, uncond = last[:b], last[b:]
+        cond, uncond = last[:b], last[b:2 * b]
+        if two_scale:
+            mixed = guidance.two_scale_guidance(cond, last[2 * b:], uncond, settings.image_cfg_scale,
+                                                settings.cfg_scale)
+            return mixed, cond, uncond
         return guidance.classifier_free_guidance(cond, uncond, settings.cfg_scale), cond, uncond
 
     def make_loop(attend):
@@ -224,7 +253,7 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
             tok = jnp.where(done, vocab.pad_id, tok)
             out = out.at[:, i].set(tok)
             done = done | (tok == vocab.eos_id)
-            feed = jnp.concatenate([tok, tok]) if guided else tok
+            feed = jnp.concatenate([tok] * len(streams))
             pos = (p - st + i)[:, None]
             new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, layers=layers)
             cache = constrain(cache)

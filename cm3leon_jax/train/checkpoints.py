@@ -123,3 +123,59 @@ def abstract_with_sharding(abstract_tree, shardings):
 
 def checkpoint_dir(model_dir: str) -> str:
     return os.path.abspath(os.path.join(model_dir, "checkpoints"))  # orbax wants absolute paths
+
+
+def _latest_step_dir(directory: str) -> Optional[str]:
+    steps = sorted((int(p) for p in os.listdir(directory) if p.isdigit()), reverse=True) \
+        if os.path.isdir(directory) else []
+    return os.path.join(directory, str(steps[0])) if steps else None
+
+
+def resolve_init_checkpoint(path: str) -> str:
+    """The state dir (`.../checkpoints/N/state`) of an init checkpoint given as
+    a model dir (its latest step), a `checkpoints/` dir (its latest step), a
+    step dir (`checkpoints/N`) or the state dir itself."""
+    path = os.path.abspath(path)
+    candidates = []
+    for base in (os.path.join(path, "checkpoints"), path):
+        step_dir = _latest_step_dir(base)
+        if step_dir:
+            candidates.append(os.path.join(step_dir, STATE))
+    candidates += [os.path.join(path, STATE), path]
+    for c in candidates:
+        if os.path.isdir(c) and (os.path.isfile(os.path.join(c, "_METADATA"))
+                                 or os.path.isfile(os.path.join(c, "manifest.ocdbt"))):
+            return c
+    raise ValueError(f"--init_checkpoint {path!r} holds no checkpoint: give a `cm3leon train` model dir, its "
+                     "checkpoints/ dir or one checkpoints/STEP dir")
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+    """Only the params of a saved TrainState (not its optimizer state or
+    step), placed with the shardings of `abstract_params` (ShapeDtypeStructs
+    with `.sharding`), read by Orbax's partial restore. ValueError naming the
+    first array whose shape differs (another model config)."""
+    state_dir = resolve_init_checkpoint(path)
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        meta = ckptr.metadata(state_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        saved = tree["params"]
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: a corrupt checkpoint
+        raise ValueError(f"init checkpoint {state_dir!r} is unreadable ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    flat_saved = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for key, want in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        name = jax.tree_util.keystr(key)
+        got = flat_saved.get(name)
+        if got is None or tuple(got.shape) != tuple(want.shape):
+            raise ValueError(
+                f"init checkpoint {state_dir!r} does not fit this model: params{name} is "
+                f"{None if got is None else tuple(got.shape)} there and {tuple(want.shape)} here. Use the "
+                "pretrained model's DecoderConfig and UnifiedVocabulary (`cm3leon finetune` reads them from "
+                "the init model dir's config.gin)")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    return out["params"]

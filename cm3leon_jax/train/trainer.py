@@ -76,12 +76,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _feature_length(task_feature_lengths: Mapping[str, int]) -> int:
-    if "targets" not in task_feature_lengths:
-        raise ValueError(f"TASK_FEATURE_LENGTHS needs a 'targets' length, got {dict(task_feature_lengths)}")
-    return int(task_feature_lengths["targets"])
-
-
 @gin.configurable
 def train(*,
           model_dir: str = gin.REQUIRED,
@@ -100,13 +94,15 @@ def train(*,
           log_every: int = 10,
           peak_flops_per_device: Optional[float] = None,
           record_batch_hashes: bool = False,
+          init_checkpoint: Optional[str] = None,
           quiet: bool = False) -> dict:
     """Trains the decoder; returns the last logged metrics.
 
     Args:
       model_dir: checkpoints/, metrics.jsonl, TensorBoard events, config.gin.
       mixture_or_task_name: a registered SeqIO task or mixture.
-      task_feature_lengths: {"targets": L}; sequences are packed to L.
+      task_feature_lengths: {"targets": L}; sequences are packed to L. SFT
+        tasks: {"inputs": Li, "targets": Lt}, packed to Li + Lt.
       train_steps: the step to stop at (a resumed run continues to it).
       batch_size: global sequences per step (split over hosts and microbatches).
       num_microbatches: gradient accumulation; the update equals one big batch.
@@ -116,11 +112,17 @@ def train(*,
         (this host's, before sharding) to model_dir/batch_hashes.jsonl, to
         check that a resumed run reads exactly the batches of an
         uninterrupted one.
+      init_checkpoint: fine-tuning: a fresh run (no checkpoint in model_dir
+        yet) starts from these params (a model dir or checkpoint dir; not
+        its optimizer state or step); a resumed run ignores it.
     """
     model_config = model_config or DecoderConfig()
-    seq_len = _feature_length(task_feature_lengths)
+    from cm3leon_jax.data.pipeline import TrainIterator, check_vocabulary, decoder_length
+
+    seq_len = decoder_length(mixture_or_task_name, task_feature_lengths)
     if seq_len > model_config.max_length:
-        raise ValueError(f"TASK_FEATURE_LENGTHS targets={seq_len} exceeds DecoderConfig.max_length="
+        raise ValueError(f"TASK_FEATURE_LENGTHS {dict(task_feature_lengths)} ({seq_len} tokens) exceeds "
+                         f"DecoderConfig.max_length="
                          f"{model_config.max_length}")
     if batch_size % num_microbatches:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by "
@@ -141,6 +143,10 @@ def train(*,
     restored = ckpt.restore_latest_good(target)
     if restored is None:
         state, start_step, last_good = sharded_init(), 0, None
+        if init_checkpoint:
+            params = ckpt_lib.restore_params(init_checkpoint, target.params)
+            state = state.replace(params=params)
+            _say(quiet, f"initialised params from {ckpt_lib.resolve_init_checkpoint(init_checkpoint)}")
     else:
         start_step, state, data_state = restored
         last_good = start_step
@@ -149,8 +155,6 @@ def train(*,
                 f"checkpoint {start_step}: iterator state says {data_state.get('batches_consumed')} "
                 "batches were consumed; expected one per step")
         _say(quiet, f"resumed from step {start_step} ({ckpt.directory / str(start_step)})")
-
-    from cm3leon_jax.data.pipeline import TrainIterator, check_vocabulary
 
     check_vocabulary(mixture_or_task_name, model_config.vocab_size)
     data = TrainIterator(mixture_or_task_name, task_feature_lengths, batch_size,

@@ -27,12 +27,15 @@ def _model(scan_layers=True, seed=0):
 
 
 def _full_greedy(cfg, params, prompt, n):
-    seq = list(prompt)
+    # As in training: the decoder input is the sequence shifted right behind a
+    # 0 (SeqIO's autoregressive inputs), so the prompt's first token is at
+    # position 1.
+    seq = [0] + list(prompt)
     model = Decoder(cfg)
     for _ in range(n):
         logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) + 1:]
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
