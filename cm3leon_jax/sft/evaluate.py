@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 

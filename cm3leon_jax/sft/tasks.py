@@ -8,7 +8,9 @@ one family of a `prepare_sft` output (sft/records.py):
                  a seeded per-epoch reshuffle
     layout       sft_layout: "inputs" = instruction <break> [input <break>],
                  "targets" = output <eos> (sft/format.py), with condition
-                 dropout for image-output tasks in training
+                 dropout for image-output tasks (in every split SeqIO reads:
+                 a preprocessor does not know the split; `cm3leon sft eval`
+                 reads the records directly, without it)
 
 Training packs examples with `seqio.PrefixLMFeatureConverter` (chosen by
 data/pipeline.py for any task with an "inputs" feature), which concatenates

@@ -6,7 +6,6 @@ import json
 import os
 
 import gin
-import numpy as np
 import pytest
 
 from cm3leon_jax import vocab as vocab_lib
