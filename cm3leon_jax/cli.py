@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAIN_DATA_MODULES = ("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug", "cm3leon_jax.data.tasks")
+TRAIN_DATA_MODULES = ("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug", "cm3leon_jax.data.tasks",
+                      "cm3leon_jax.sft.tasks")
 
 
 def cmd_train(args, gin_bindings: List[str]) -> int:

@@ -1,13 +1,14 @@
 """CLI: fast --help, gin errors in one line before any work, info figures."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, SMALL, run_cli
+from conftest import REPO, SMALL
 from cm3leon_jax import gin_utils, partitioning
 
 
@@ -124,3 +125,19 @@ def test_python_m_train_equivalent(tmp_path):
     assert (tmp_path / "config.gin").exists()
     assert "TRAIN_STEPS = 3" in (tmp_path / "config.gin").read_text()
     assert (tmp_path / "checkpoints" / "3").exists()
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(gin_utils.REPO_ROOT))
+                                        for p in pathlib.Path(gin_utils.REPO_ROOT, "gin").rglob("*.gin")))
+def test_every_gin_file_parses(path):
+    """Each shipped gin file's bindings name real configurables (the modules
+    its commands import before parsing)."""
+    import gin
+
+    from cm3leon_jax import cli
+
+    modules = cli.TRAIN_DATA_MODULES + cli.VQ_MODULES + cli.CLIP_MODULES + ("cm3leon_jax.demo.pipeline",)
+    try:
+        gin_utils.parse([path], [], extra_modules=modules, check_required=False)
+    finally:
+        gin.clear_config()

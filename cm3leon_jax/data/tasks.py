@@ -111,7 +111,7 @@ def validation_count(n: int, fraction: float) -> int:
     return int(min(max(1, round(n * fraction)), MAX_VALIDATION_DOCS, n - 1))
 
 
-def _resolve(p: Optional[PathSpec]) -> Optional[str]:
+def resolve_path(p: Optional[PathSpec]) -> Optional[str]:
     if p is None:
         return None
     return os.path.abspath(p() if callable(p) else p)
@@ -222,7 +222,7 @@ _DATA_LOCK = threading.Lock()
 
 def _task_data(task_name: str, prepared_dir: PathSpec, index_dir: Optional[PathSpec], **settings) -> TaskData:
     """The TaskData of a task, opened once per (paths, settings) and process."""
-    p, i = _resolve(prepared_dir), _resolve(index_dir)
+    p, i = resolve_path(prepared_dir), resolve_path(index_dir)
     key = (task_name, p, i, tuple(sorted(settings.items())))
     with _DATA_LOCK:
         if key not in _DATA:
@@ -399,7 +399,7 @@ def task_paths(name: str) -> Optional[tuple]:
     found.sort(key=lambda pi: pi[1] is None)
     for prepared, index in found:
         try:
-            return _resolve(prepared), _resolve(index)
+            return resolve_path(prepared), resolve_path(index)
         except ValueError:
             continue
     return None

@@ -198,7 +198,7 @@ def records(family: str, split: str, num: int, resolution: int = 64) -> Iterator
             yield r
 
 
-def build(out_dir: str, vqgan_dir: str, text_tokenizer: str, *, train_per_family: int = 4000,
+def build(out_dir: str, vqgan_dir: str, text_tokenizer: str, *, train_per_family: int = 8000,
           heldout_per_family: int = 200, families: Sequence[str] = tuple(fmt.FAMILIES),
           max_inputs_length: int = 128, max_targets_length: int = 128, progress: bool = True) -> dict:
     """The shapes instruction corpus, prepared (sft/records.py) into

@@ -87,8 +87,9 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
     config = os.path.join(model_dir, "config.gin")
     if not os.path.isfile(config):
         raise ValueError(f"{model_dir!r} has no config.gin: not a `cm3leon train` model dir")
-    gin_utils.parse([config], [], extra_modules=("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug",
-                                                 "cm3leon_jax.data.tasks"), check_required=False)
+    from cm3leon_jax.cli import TRAIN_DATA_MODULES
+
+    gin_utils.parse([config], [], extra_modules=TRAIN_DATA_MODULES, check_required=False)
     cfg = DecoderConfig()
     vocab = vocab_lib.UnifiedVocabulary()
     step, params = _latest_params(model_dir)

@@ -22,8 +22,8 @@ the longest example of the data is refused (SeqIO would cut it silently).
 Built-in tasks over the shapes instruction corpus (demo/instructions.py),
 read from `shapes_sft_data_dir()` (gin `shapes_sft_data_dir.path`, else
 `$CM3LEON_SHAPES_SFT_DATA`, else ./demo_out/sft_data): `shapes_sft_FAMILY`
-for each family and `shapes_sft_mixture` (all six, equal rates:
-assumption, the paper gives no mixture weights). Over a user's data
+for each family and `shapes_sft_mixture` (all six, at the rates of
+`shapes_sft_rates`: an assumption, the paper gives no mixture weights). Over a user's data
 (`corpus_sft_data_dir()`, `$CM3LEON_SFT_DATA`): `corpus_sft_FAMILY` and
 `corpus_sft_mixture`, each family at a rate proportional to its training
 records (a family the data lacks gets rate 0).
@@ -39,6 +39,7 @@ import seqio
 import tensorflow as tf
 
 from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.data.tasks import resolve_path
 from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
 from cm3leon_jax.sft import format as fmt
 from cm3leon_jax.sft import records as rec_lib
@@ -80,10 +81,6 @@ def sft_feature_converter(pack: bool = True, loss_on_targets_only: bool = True) 
     return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=loss_on_targets_only)
 
 
-def _resolve(p: PathSpec) -> str:
-    return os.path.abspath(p() if callable(p) else p)
-
-
 class SFTDataSource(seqio.DataSource):
     """One family's records of a prepared SFT dataset as
     {"instruction", "input", "output": int32 [n], "task", "id": string}."""
@@ -99,8 +96,13 @@ class SFTDataSource(seqio.DataSource):
     def list_shards(self, split: str):
         return [split]
 
+    @property
+    def data_dir(self) -> str:
+        """The prepared dir (a callable path is resolved now)."""
+        return resolve_path(self._data_dir)
+
     def manifest(self) -> dict:
-        return rec_lib.read_manifest(_resolve(self._data_dir))
+        return rec_lib.read_manifest(self.data_dir)
 
     def count(self, split: str) -> int:
         try:
@@ -115,7 +117,7 @@ class SFTDataSource(seqio.DataSource):
         del sequence_length, use_cached, num_epochs
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; SFT tasks have {list(SPLITS)}")
-        data_dir = _resolve(self._data_dir)
+        data_dir = self.data_dir
         self.manifest()  # a clear error for a dir that is not SFT data
         files = sorted(tf.io.gfile.glob(rec_lib.shard_pattern(data_dir, self.family, split)))
         n = self.count(split)
@@ -196,7 +198,7 @@ def check_lengths(ds: tf.data.Dataset, sequence_length=None, *, source: SFTDataS
 def _vocabulary_fn(data_dir: PathSpec):
     def fn():
         try:
-            return vocab_lib.UnifiedVocabulary(**rec_lib.read_manifest(_resolve(data_dir))["vocabulary"])
+            return vocab_lib.UnifiedVocabulary(**rec_lib.read_manifest(resolve_path(data_dir))["vocabulary"])
         except ValueError:
             return vocab_lib.UnifiedVocabulary()
     return fn
@@ -227,6 +229,35 @@ def _count_rate(task: seqio.Task) -> float:
     return float(task.source.count("train"))
 
 
+# Assumption (the paper gives no mixture weights): the shapes families'
+# rates. The loss is a mean over the batch's target tokens, so a family's
+# share of the gradient is its rate times its target length: a VQA answer
+# is ~3 tokens, a caption ~25, a box list ~20, an image 65. Equal rates
+# left VQA about 1% of the gradient (0.51 exact match after 2000 steps).
+# These give the text families 2/3 of the examples and ~1/3 of the loss
+# tokens, and editing most of the image families' share. Against
+# 6/3/3/2/0.5/0.5 (vqa/captioning/detection/editing/edges/boxes) at 2700
+# steps: VQA 0.605 both, captioning 0.801 vs 0.795, editing 0.52 vs 0.485,
+# detection 0.175 vs 0.251 (benchmarks/RESULTS.md, "Sixth round").
+SHAPES_RATES = {fmt.EDITING: 4.0, fmt.GROUNDED: 0.5, fmt.SPATIAL: 0.5,
+                fmt.DETECTION: 2.0, fmt.CAPTIONING: 4.0, fmt.VQA: 4.0}
+
+
+@gin.configurable
+def shapes_sft_rates(rates: Optional[dict] = None) -> dict:
+    """Mixing rates of `shapes_sft_mixture` by family (gin
+    `shapes_sft_rates.rates = {'vqa': 4.0, ...}`; families left out keep
+    `SHAPES_RATES`)."""
+    out = dict(SHAPES_RATES)
+    for family, rate in (rates or {}).items():
+        out[fmt.check_family(family)] = float(rate)
+    return out
+
+
+def _shapes_rate(task: seqio.Task) -> float:
+    return shapes_sft_rates()[task.source.family]
+
+
 def sft_data_dir_of(name: str) -> Optional[str]:
     """The SFT data dir of a registered SFT task or mixture (its first task
     whose dir resolves), or None when `name` is not SFT."""
@@ -235,7 +266,7 @@ def sft_data_dir_of(name: str) -> Optional[str]:
     for t in tasks:
         if isinstance(t.source, SFTDataSource):
             try:
-                return _resolve(t.source._data_dir)  # noqa: SLF001 - our own class
+                return t.source.data_dir
             except ValueError:
                 continue
     return None
@@ -247,7 +278,8 @@ def register_builtin():
             if f"{prefix}_{family}" not in seqio.TaskRegistry.names():
                 register_sft_task(f"{prefix}_{family}", path, family)
     if f"{SHAPES_PREFIX}_mixture" not in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.add(f"{SHAPES_PREFIX}_mixture", [(f"{SHAPES_PREFIX}_{f}", 1.0) for f in fmt.FAMILIES])
+        seqio.MixtureRegistry.add(f"{SHAPES_PREFIX}_mixture", [(f"{SHAPES_PREFIX}_{f}", _shapes_rate)
+                                                             for f in fmt.FAMILIES])
     if f"{CORPUS_PREFIX}_mixture" not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add(f"{CORPUS_PREFIX}_mixture", [(f"{CORPUS_PREFIX}_{f}", _count_rate)
                                                               for f in fmt.FAMILIES])

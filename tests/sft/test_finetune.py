@@ -55,7 +55,13 @@ def test_finetune_starts_from_the_pretrained_params(tmp_path):
     assert int(b["step"]) == 1  # a fresh optimizer state and step, not the pretraining's (2)
     # the architecture came from the pretrained config.gin
     with open(os.path.join(sft, "config.gin")) as f:
-        assert "UnifiedVocabulary.text_vocab_size = 448" in f.read()
+        written = f.read()
+    assert "UnifiedVocabulary.text_vocab_size = 448" in written and "shapes_sft_rates.rates" in written
+    # the sampler loads the fine-tuned dir (its config.gin binds SFT configurables)
+    from cm3leon_jax.sampling import generate
+
+    bundle = generate.load_model(sft)
+    assert bundle.step == 1 and bundle.vocab.text_vocab_size == 448
     # another architecture: one line naming the mismatching array, exit 2
     r = _cli(["finetune", "--gin_file=gin/sft_shapes.gin", f"--init_checkpoint={pre}",
               f"--model_dir={tmp_path / 'sft2'}", "--gin.MIXTURE_OR_TASK_NAME='shapes_sft_vqa'",

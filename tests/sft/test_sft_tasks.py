@@ -157,3 +157,24 @@ def test_condition_dropout_replaces_conditions_with_mask(tmp_path):
     # 10% each of text-only, input-only and both dropped: about 60 each of 600
     assert 30 <= seen["text"] <= 95 and 30 <= seen["input"] <= 95 and 30 <= seen["both"] <= 95
     assert seen["none"] >= 380
+
+
+def test_shapes_mixture_rates_default_and_gin_override():
+    import seqio
+
+    from cm3leon_jax.sft import tasks as sft_tasks
+
+    mix = seqio.get_mixture_or_task("shapes_sft_mixture")
+    rates = {t.source.family: mix.get_rate(t) for t in mix.tasks}
+    assert rates == sft_tasks.SHAPES_RATES
+    with gin.unlock_config():
+        gin.bind_parameter("shapes_sft_rates.rates", {"vqa": 10.0, "spatial": 0.0})
+    try:
+        rates = {t.source.family: mix.get_rate(t) for t in mix.tasks}
+        assert rates["vqa"] == 10.0 and rates["spatial"] == 0.0 and rates["editing"] == sft_tasks.SHAPES_RATES["editing"]
+        with gin.unlock_config():
+            gin.bind_parameter("shapes_sft_rates.rates", {"painting": 1.0})
+        with pytest.raises(ValueError, match="unknown SFT task family 'painting'"):
+            mix.get_rate(mix.tasks[0])
+    finally:
+        gin.clear_config()
