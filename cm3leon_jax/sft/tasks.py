@@ -23,10 +23,10 @@ Built-in tasks over the shapes instruction corpus (demo/instructions.py),
 read from `shapes_sft_data_dir()` (gin `shapes_sft_data_dir.path`, else
 `$CM3LEON_SHAPES_SFT_DATA`, else ./demo_out/sft_data): `shapes_sft_FAMILY`
 for each family and `shapes_sft_mixture` (all six, at the rates of
-`shapes_sft_rates`: an assumption, the paper gives no mixture weights). Over a user's data
-(`corpus_sft_data_dir()`, `$CM3LEON_SFT_DATA`): `corpus_sft_FAMILY` and
-`corpus_sft_mixture`, each family at a rate proportional to its training
-records (a family the data lacks gets rate 0).
+`shapes_sft_rates`: an assumption, the paper gives no mixture weights).
+Over a user's data (`corpus_sft_data_dir()`, `$CM3LEON_SFT_DATA`):
+`corpus_sft_FAMILY` and `corpus_sft_mixture`, each family at a rate
+proportional to its training records (a family the data lacks gets rate 0).
 """
 from __future__ import annotations
 
