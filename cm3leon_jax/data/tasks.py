@@ -453,7 +453,7 @@ def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: 
 
     from cm3leon_jax.data import prepare
     from cm3leon_jax.retrieval import embed, neighbours
-    from cm3leon_jax.retrieval.index import MipsIndex
+    from cm3leon_jax.retrieval.index import INDEX_BANK_REF, MipsIndex
 
     prepared_dir = os.path.join(data_dir, PREPARED_SUBDIR)
     bank_dir = os.path.join(data_dir, BANK_SUBDIR)
@@ -471,7 +471,7 @@ def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: 
     if not os.path.isdir(index_dir) or report.get("bank"):
         index = MipsIndex.build(bank.embeddings, bank.ids, embedding_model=bank.embedding_model)
         index.save(index_dir)
-        with open(os.path.join(index_dir, "source_bank.json"), "w") as f:
+        with open(os.path.join(index_dir, INDEX_BANK_REF), "w") as f:
             json.dump({"bank_dir": os.path.abspath(bank_dir)}, f)
         report["index"] = {"count": index.size, **index.params}
     table = os.path.join(bank_dir, neighbours.TABLE_DIR, neighbours.MANIFEST_FILE)

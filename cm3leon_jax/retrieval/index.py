@@ -47,6 +47,8 @@ import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# Written into an index dir by `cm3leon index build --bank`: where its captions are.
+INDEX_BANK_REF = "source_bank.json"
 IDS_FILE = "ids.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_DIR = "scann"
