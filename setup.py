@@ -38,7 +38,10 @@ install_requires = [
 
 extras_require = {
     # torch==2.13.0 is the CPU wheel on disk; any other spec pulls a CUDA build.
-    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0"],
+    # libtpu: `cm3leon compile` AOT-compiles for TPU topologies on this CPU host
+    # (tests/train/test_compile.py); nbclient + ipykernel run the Colab notebook.
+    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "libtpu==0.0.42.*",
+             "nbclient", "nbformat", "ipykernel"],
     "torch": ["torch==2.13.0"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}", "libtpu==0.0.42.*"],
 }

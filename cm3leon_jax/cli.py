@@ -94,6 +94,24 @@ def _add_convert(sub):
     clip.add_argument("--input", required=True, help="HF directory or .safetensors file")
     clip.add_argument("--out", required=True, help="output model dir")
     clip.set_defaults(func=cmd_convert_clip)
+    cham = csub.add_parser(
+        "chameleon", help="Chameleon / Anole (transformers ChameleonForConditionalGeneration) -> a decoder model dir",
+        description="Read a transformers Chameleon checkpoint (a `save_pretrained` dir: config.json and "
+                    "*.safetensors; pickles are never read) and write a model dir that `cm3leon generate` "
+                    "loads: config.gin (the decoder with RMSNorm, rotary, QK-norm, SwiGLU options), an Orbax "
+                    "checkpoint, vocab_mapping.json (Chameleon id <-> our id: image tokens moved to our "
+                    "image-code block, <s> </s> <racm3:break> <eoss> <sentinel:i> to our specials). The "
+                    "checkpoint's VQ-VAE encoder is skipped (images need --vqgan_dir at generation).",
+        epilog="Example: cm3leon convert chameleon --hf_dir=Anole-7b-v0.1-hf --out=/tmp/anole_7b")
+    cham.add_argument("--hf_dir", required=True, help="transformers Chameleon dir (config.json + *.safetensors)")
+    cham.add_argument("--out", required=True, help="output model dir")
+    cham.add_argument("--num_mask_tokens", type=int, default=32,
+                      help="how many <sentinel:i> become our <mask:i> ids (default 32, fewer if absent)")
+    cham.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                      help="compute dtype written to config.gin (default bfloat16)")
+    cham.add_argument("--param_dtype", default="float32", choices=("bfloat16", "float32", "float16"),
+                      help="dtype of the saved params (default float32, as the trainer keeps them)")
+    cham.set_defaults(func=cmd_convert_chameleon)
 
 
 def _add_model_dir_args(p):
@@ -268,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     from cm3leon_jax.eval.commands import add_eval
     from cm3leon_jax.sft.commands import add_finetune, add_sft
 
+    from cm3leon_jax.train.compile import add_compile
+
     add_finetune(sub)
     add_sft(sub)
     add_eval(sub)
     add_demo(sub)
+    add_compile(sub)
     return parser
 
 
@@ -283,9 +304,18 @@ def cmd_train(args, gin_bindings: List[str]) -> int:
     gin_utils.parse_from_args(args, gin_bindings, extra_modules=TRAIN_DATA_MODULES)
     import gin
 
+    from cm3leon_jax import distributed
     from cm3leon_jax.data import pipeline
     from cm3leon_jax.train import trainer
 
+    # Multi-host runs: jax.distributed.initialize before any JAX call that
+    # touches devices (write_config asks for the process index); a no-op for
+    # a single process. Settings: gin initialize_distributed.*, CM3LEON_* env.
+    try:
+        distributed.initialize_distributed()
+    except distributed.DistributedConfigError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # without gin's "In call to" line
+        return 2
     model_dir = gin.query_parameter("MODEL_DIR/macro.value") if not args.model_dir else args.model_dir
     task = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
     pipeline.check_task_name(task)  # unknown task names fail before any work
@@ -379,6 +409,21 @@ def cmd_convert_clip(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.models import clip_convert
 
     report = clip_convert.convert_to_model_dir(args.input, args.out)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def cmd_convert_chameleon(args, gin_bindings: List[str]) -> int:
+    if gin_bindings:
+        return _input_error(ValueError("convert chameleon takes no --gin.* flags"))
+    try:
+        from cm3leon_jax.models import chameleon_convert
+
+        report = chameleon_convert.convert_to_model_dir(
+            args.hf_dir, args.out, num_mask_tokens=args.num_mask_tokens, dtype=args.dtype,
+            param_dtype=args.param_dtype)
+    except (ValueError, OSError) as e:
+        return _input_error(e)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -8,6 +8,7 @@ by an earlier dimension of the same array is skipped).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ DEFAULT_LOGICAL_RULES = (
     ("activation_vocab", "model"),
     ("vocab", "model"),
     ("embed", "fsdp"),
+    ("embed_compute", None),  # a weight's embed dim at its matmul: gathered (decoder._param)
     ("heads", "model"),
     ("kv", None),
     ("mlp", "model"),
@@ -116,3 +118,30 @@ def global_batch_from_local(local_batch: dict, mesh: Mesh, rules=None) -> dict:
     sharding = batch_sharding(mesh, rules)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+class RulesInForce:
+    """A jitted function that is traced (called or lowered) with `mesh` set
+    and the logical axis `rules` in force, so that the model's
+    `nn.with_logical_constraint` calls on activations become real sharding
+    constraints; without both, flax makes them no-ops and XLA is left to
+    guess the activations' layout (on v5e-256 it replicated the batch of a
+    7B step: `cm3leon compile`)."""
+
+    def __init__(self, jitted, mesh: Mesh, rules=None):
+        self.jitted = jitted
+        self.mesh = mesh
+        self.rules = logical_axis_rules() if rules is None else rules
+
+    @contextlib.contextmanager
+    def _in_force(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def __call__(self, *args, **kwargs):
+        with self._in_force():
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with self._in_force():
+            return self.jitted.lower(*args, **kwargs)

@@ -8,6 +8,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The test extra installs libtpu (for `cm3leon compile`); a JAX process that
+# initialises its TPU backend on this TPU-less host takes libtpu's lockfile
+# and slows start-up. Tests, and the CLI processes they start, run on CPU;
+# compiling for a TPU topology needs no TPU backend (train/compile.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # A smaller-than-tiny decoder so CLI tests take seconds, on the data-free
 # smoke-test task; everything else is gin/cm3leon_tiny.gin as users run it.
 SMALL = [

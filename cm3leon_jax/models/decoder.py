@@ -9,6 +9,22 @@ paper leaves open (heads, FFN width, activation) comes from gin.
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv",
 "mlp", "layers", ...) that `partitioning.py` maps to mesh axes by gin rules;
 the main activations carry "activation_*" names for the same purpose.
+
+Options for importing Chameleon / Anole weights (models/chameleon_convert.py),
+all in `DecoderConfig`, whose defaults are the CM3Leon architecture above:
+  norm="rmsnorm"        RMSNorm with a learned gain ("scale" params) instead of
+                        the gain-free LayerNorm;
+  swin_norm=True        Chameleon-34B's norm placement, x + norm(f(x)), instead
+                        of pre-norm x + f(norm(x));
+  positions="rotary"    rotary embeddings (rope_theta) on q and k over the whole
+                        head_dim, rotate-half convention (transformers'
+                        Llama/Chameleon); no position_embedding table;
+  qk_norm=True          LayerNorm of q and k over head_dim with a per-head gain
+                        and bias, shapes (heads, head_dim), before the rotary;
+  mlp_type="gated"      wo(act(x wi_gate) * (x wi)); with activation="silu" it
+                        is SwiGLU;
+  num_kv_heads=N        grouped-query attention: N key/value heads shared by
+                        num_heads / N query heads each (None: num_heads).
 """
 from __future__ import annotations
 
@@ -65,6 +81,15 @@ class DecoderConfig:
     layer_norm_epsilon: float = 1e-5
     scan_layers: bool = True
     remat_policy: str = "none"
+    # -- Chameleon-style options (defaults: CM3Leon's architecture) ------------
+    norm: str = "layernorm"          # "layernorm" (no gains) | "rmsnorm" (learned gain)
+    swin_norm: bool = False          # x + norm(f(x)) instead of x + f(norm(x))
+    positions: str = "learned"       # "learned" absolute table | "rotary"
+    rope_theta: float = 10000.0      # rotary base (positions="rotary")
+    qk_norm: bool = False            # LayerNorm of q, k over head_dim, per-head gain + bias
+    qk_norm_epsilon: float = 1e-5
+    mlp_type: str = "dense"          # "dense": wo(act(x wi)) | "gated": wo(act(x wi_gate) * x wi)
+    num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -77,32 +102,60 @@ class DecoderConfig:
                 f"{sorted(REMAT_POLICIES)}")
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"DecoderConfig.activation={self.activation!r}; use relu, gelu or silu")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("positions", ("learned", "rotary")),
+                              ("mlp_type", ("dense", "gated"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"DecoderConfig: num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"DecoderConfig: rotary positions need an even head_dim, got {self.head_dim}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (num_kv_heads, or num_heads without GQA)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
     # -- counts (cm3leon info, MFU) --------------------------------------------
     def param_counts(self) -> dict:
+        """Parameter counts. "non_embedding" is every layer parameter: the
+        matmul weights ("layer_matmul": q and out d x d each, k and v
+        d x kv_heads x head_dim each, the MLP 2 or, gated, 3 d x d_ff) plus
+        the norm gains and biases ("norm": RMSNorm gains, QK-norm, the final
+        norm; 0 for the gain-free LayerNorm)."""
         d, f, v, L = self.d_model, self.d_ff, self.vocab_size, self.num_layers
-        per_layer = 4 * d * d + 2 * d * f
+        kv = self.kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + (3 if self.mlp_type == "gated" else 2) * d * f
+        norm_per_layer = (2 * d if self.norm == "rmsnorm" else 0) + \
+            (2 * (d + kv) if self.qk_norm else 0)
+        norm = L * norm_per_layer + (d if self.norm == "rmsnorm" else 0)
+        position = self.max_length * d if self.positions == "learned" else 0
         return {
-            "non_embedding": L * per_layer,
+            "non_embedding": L * per_layer + norm,
+            "layer_matmul": L * per_layer,
+            "norm": norm,
             "token_embedding": v * d,
-            "position_embedding": self.max_length * d,
+            "position_embedding": position,
             "output_projection": v * d,
-            "total": L * per_layer + 2 * v * d + self.max_length * d,
+            "total": L * per_layer + norm + 2 * v * d + position,
         }
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x (matmul params) for the forward and
-        backward passes of every weight matmul (the token lookup is not one),
-        plus attention scores and values, 2 matmuls of seq_len x d_model per
-        layer, x 2 FLOPs x 3 passes, counted without the causal halving
-        (PaLM's and MaxText's convention)."""
+        backward passes of every weight matmul (the token lookup is not one;
+        norm gains are elementwise, not matmuls), plus attention scores and
+        values, 2 matmuls of seq_len x d_model per layer (num_heads x
+        head_dim, also with GQA, whose shared keys/values are still read by
+        every query head), x 2 FLOPs x 3 passes, counted without the causal
+        halving (PaLM's and MaxText's convention)."""
         c = self.param_counts()
-        matmul_params = c["non_embedding"] + c["output_projection"]
+        matmul_params = c["layer_matmul"] + c["output_projection"]
         attention = 12 * self.num_layers * seq_len * self.d_model
         return 6.0 * matmul_params + attention
 
@@ -124,6 +177,51 @@ def layer_norm(x, eps: float):
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def rms_norm(x, scale, eps: float):
+    """RMSNorm with a learned gain: x / rms(x) in fp32, cast back to x's
+    dtype, times `scale` [d] (transformers' LlamaRMSNorm / ChameleonRMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return scale.astype(x.dtype) * y
+
+
+def apply_norm(x, scale, cfg: "DecoderConfig"):
+    """The config's norm: gain-free LayerNorm (scale is None) or RMSNorm."""
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, scale, cfg.layer_norm_epsilon)
+    return layer_norm(x, cfg.layer_norm_epsilon)
+
+
+def head_norm(x, scale, bias, eps: float):
+    """QK-norm: LayerNorm of x [..., heads, head_dim] over head_dim only (the
+    statistics of each head apart), then a per-head gain and bias [heads,
+    head_dim] (transformers' ChameleonLayerNorm)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return y * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def rotary_tables(positions, head_dim: int, theta: float, dtype):
+    """(cos, sin) [B, T, 1, head_dim] for integer positions [B, T]: frequency
+    theta^(-2i/head_dim) for i < head_dim/2, the table repeated for both
+    halves (the rotate-half layout: dims j and j + head_dim/2 form a pair)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary(x, rope):
+    """x [B, T, H, K] rotated by `rotary_tables` output: x cos + rotate_half(x) sin,
+    rotate_half(x) = concat(-x[K/2:], x[:K/2])."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
 def attention_mask(segment_ids: Optional[jax.Array], batch: int, length: int) -> jax.Array:
     """Boolean [batch, 1, q, k] mask: causal, and within one packed segment."""
     causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
@@ -134,8 +232,17 @@ def attention_mask(segment_ids: Optional[jax.Array], batch: int, length: int) ->
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, cfg: DecoderConfig):
+    """A parameter stored with `axes` (its "embed" dim sharded over fsdp by
+    the default rules), returned in the compute dtype with its "embed" dim
+    renamed "embed_compute" (replicated by the default rules): FSDP gathers
+    a weight before the matmul that uses it, and the gradient is
+    reduce-scattered back. Without the gather, XLA may split a matmul over
+    its fsdp-sharded contracting dim instead, which makes every chip hold a
+    partial sum of the whole batch's output: the logits of a 7B step on
+    v5e-256 then needed 1 TB per chip (`cm3leon compile`)."""
     p = module.param(name, nn.with_logical_partitioning(init, axes), shape, as_dtype(cfg.param_dtype))
-    return jnp.asarray(p, as_dtype(cfg.dtype))
+    p = jnp.asarray(p, as_dtype(cfg.dtype))
+    return nn.with_logical_constraint(p, tuple("embed_compute" if a == "embed" else a for a in axes))
 
 
 def dense(x, w, contract: int = 1):
@@ -250,22 +357,34 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, rope=None):
         cfg = self.config
-        h, k, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+        h, k, d, g = cfg.num_heads, cfg.head_dim, cfg.d_model, cfg.kv_heads
         init = truncated_normal_init(cfg.init_std)
         wq = _param(self, "query", init, (d, h, k), ("embed", "heads", "kv"), cfg)
-        wk = _param(self, "key", init, (d, h, k), ("embed", "heads", "kv"), cfg)
-        wv = _param(self, "value", init, (d, h, k), ("embed", "heads", "kv"), cfg)
+        wk = _param(self, "key", init, (d, g, k), ("embed", "heads", "kv"), cfg)
+        wv = _param(self, "value", init, (d, g, k), ("embed", "heads", "kv"), cfg)
         wo = _param(self, "out", init, (h, k, d), ("heads", "kv", "embed"), cfg)
         qkv_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        q, kk = dense(x, wq), dense(x, wk)
+        if cfg.qk_norm:
+            ones, zeros = nn.initializers.ones_init(), nn.initializers.zeros_init()
+            q = head_norm(q, _param(self, "query_norm_scale", ones, (h, k), ("heads", "kv"), cfg),
+                          _param(self, "query_norm_bias", zeros, (h, k), ("heads", "kv"), cfg),
+                          cfg.qk_norm_epsilon)
+            kk = head_norm(kk, _param(self, "key_norm_scale", ones, (g, k), ("heads", "kv"), cfg),
+                           _param(self, "key_norm_bias", zeros, (g, k), ("heads", "kv"), cfg),
+                           cfg.qk_norm_epsilon)
+        if rope is not None:
+            q, kk = apply_rotary(q, rope), apply_rotary(kk, rope)
         # Scale folded into q before the product, as OPT does.
-        q = dense(x, wq) * jnp.asarray(k ** -0.5, x.dtype)
+        q = q * jnp.asarray(k ** -0.5, x.dtype)
         q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), qkv_axes)
-        kk = dense(x, wk)
         kk = nn.with_logical_constraint(checkpoint_name(kk, "key_proj"), qkv_axes)
         v = dense(x, wv)
         v = nn.with_logical_constraint(checkpoint_name(v, "value_proj"), qkv_axes)
+        if g != h:  # GQA: query head i reads key/value head i // (h / g)
+            kk, v = jnp.repeat(kk, h // g, axis=2), jnp.repeat(v, h // g, axis=2)
         ctx = causal_attention(q, kk, v, mask, num_query_blocks(x.shape[1]))
         ctx = nn.with_logical_constraint(ctx, qkv_axes)
         out = dense(ctx, wo, contract=2)
@@ -282,25 +401,42 @@ class MLP(nn.Module):
         wi = _param(self, "wi", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
         wo = _param(self, "wo", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
         act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
-        hidden = act(dense(x, wi))
+        if cfg.mlp_type == "gated":  # wi is the "up" projection, wi_gate the activated one
+            wg = _param(self, "wi_gate", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+            hidden = act(dense(x, wg)) * dense(x, wi)
+        else:
+            hidden = act(dense(x, wi))
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp"))
         out = dense(hidden, wo)
         return checkpoint_name(out, "mlp_out")
 
 
+def _norm_scale(module: nn.Module, name: str, cfg: DecoderConfig):
+    """The RMSNorm gain [d_model] named `name` (None for the gain-free LayerNorm)."""
+    if cfg.norm != "rmsnorm":
+        return None
+    return _param(module, name, nn.initializers.ones_init(), (cfg.d_model,), ("embed",), cfg)
+
+
 class DecoderLayer(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); with swin_norm,
+    x + LN(Attn(x)), then x + LN(MLP(x)). `rope`: rotary (cos, sin) or None."""
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, rope=None):
         cfg = self.config
         act_axes = ("activation_batch", "activation_length", "activation_embed")
         x = nn.with_logical_constraint(x, act_axes)
-        x = x + Attention(cfg, name="attention")(layer_norm(x, cfg.layer_norm_epsilon), mask)
-        x = x + MLP(cfg, name="mlp")(layer_norm(x, cfg.layer_norm_epsilon))
+        n1, n2 = _norm_scale(self, "attention_norm", cfg), _norm_scale(self, "mlp_norm", cfg)
+        if cfg.swin_norm:
+            x = x + apply_norm(Attention(cfg, name="attention")(x, mask, rope), n1, cfg)
+            x = x + apply_norm(MLP(cfg, name="mlp")(x), n2, cfg)
+        else:
+            x = x + Attention(cfg, name="attention")(apply_norm(x, n1, cfg), mask, rope)
+            x = x + MLP(cfg, name="mlp")(apply_norm(x, n2, cfg))
         x = nn.with_logical_constraint(x, act_axes)
         if cfg.scan_layers:
             return x, None
@@ -326,13 +462,18 @@ class Decoder(nn.Module):
             "token_embedding",
             nn.with_logical_partitioning(truncated_normal_init(cfg.init_std), ("vocab", "embed")),
             (cfg.vocab_size, cfg.d_model), as_dtype(cfg.param_dtype))
-        pos_table = self.param(
-            "position_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.position_init_std), ("max_length", "embed")),
-            (cfg.max_length, cfg.d_model), as_dtype(cfg.param_dtype))
         dtype = as_dtype(cfg.dtype)
-        x = (jnp.take(tok_table, decoder_input_tokens, axis=0)
-             + jnp.take(pos_table, decoder_positions, axis=0)).astype(dtype)
+        rope = None
+        if cfg.positions == "learned":
+            pos_table = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.position_init_std), ("max_length", "embed")),
+                (cfg.max_length, cfg.d_model), as_dtype(cfg.param_dtype))
+            x = (jnp.take(tok_table, decoder_input_tokens, axis=0)
+                 + jnp.take(pos_table, decoder_positions, axis=0)).astype(dtype)
+        else:  # rotary: no table; q and k are rotated in every layer
+            x = jnp.take(tok_table, decoder_input_tokens, axis=0).astype(dtype)
+            rope = rotary_tables(decoder_positions, cfg.head_dim, cfg.rope_theta, dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = attention_mask(decoder_segment_ids, b, t)
 
@@ -348,12 +489,12 @@ class Decoder(nn.Module):
                 in_axes=nn.broadcast,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")(x, mask)
+            )(cfg, name="layers")(x, mask, rope)
         else:
             for i in range(cfg.num_layers):
-                x = layer_cls(cfg, name=f"layer_{i}")(x, mask)
+                x = layer_cls(cfg, name=f"layer_{i}")(x, mask, rope)
 
-        x = layer_norm(x, cfg.layer_norm_epsilon)
+        x = apply_norm(x, _norm_scale(self, "final_norm", cfg), cfg)
         # Zero-initialised output projection, untied from the token embedding.
         w_out = _param(self, "output_projection", nn.initializers.zeros_init(),
                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -393,9 +534,9 @@ CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "acti
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> tuple:
     """Zero keys and values: a tuple of num_layers {"key", "value"} dicts,
-    each [batch, heads, length, head_dim]."""
+    each [batch, heads, length, head_dim] (heads: the kv_heads, with GQA)."""
     dtype = as_dtype(dtype or cfg.dtype)
-    shape = (batch, cfg.num_heads, length, cfg.head_dim)
+    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
     return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
 
 
@@ -426,7 +567,9 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
     [index, index + T), and the updated cache.
 
     Args:
-      positions: [B, T] position ids (the position table's rows).
+      positions: [B, T] position ids (the position table's rows, or the
+        absolute positions the rotary embedding rotates q and k by; keys are
+        cached already rotated).
       start: [B] first real slot of each row (slots before it are padding
         and never attended to).
       cache: `init_cache` output; its slot count S is what the tokens attend
@@ -445,36 +588,75 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
     dtype = as_dtype(cfg.dtype)
     t = tokens.shape[1]
     s = cache[0]["key"].shape[2]
-    x = (q_lib.take_rows(params["token_embedding"], tokens)
-         + q_lib.take_rows(params["position_embedding"], positions)).astype(dtype)
+    rope = None
+    if cfg.positions == "learned":
+        x = (q_lib.take_rows(params["token_embedding"], tokens)
+             + q_lib.take_rows(params["position_embedding"], positions)).astype(dtype)
+    else:
+        x = q_lib.take_rows(params["token_embedding"], tokens).astype(dtype)
+        rope = rotary_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
     slots = index + jnp.arange(t)
     keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     mask = mask[:, None]  # [B, 1, T, S]
-    eps = cfg.layer_norm_epsilon
     act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
     scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
     layers = layer_params(params, cfg) if layers is None else layers
+    groups = cfg.num_heads // cfg.kv_heads  # query heads per key/value head (GQA)
 
     def heads_first(y):  # [B, T, H, K] -> [B, H, T, K]
         return jnp.swapaxes(y, 1, 2)
 
-    new_cache = []
-    for p, c in zip(layers, cache):
-        a, m = p["attention"], p["mlp"]
-        h = layer_norm(x, eps)
-        q = heads_first(q_lib.matmul(h, a["query"], 1, dtype) * scale)
-        kk = heads_first(q_lib.matmul(h, a["key"], 1, dtype)).astype(c["key"].dtype)
+    def norm(y, scale_leaf):
+        return apply_norm(y, None if scale_leaf is None else jnp.asarray(scale_leaf).astype(dtype), cfg)
+
+    def attention(a, h, c):
+        q = q_lib.matmul(h, a["query"], 1, dtype)
+        kk = q_lib.matmul(h, a["key"], 1, dtype)
+        if cfg.qk_norm:
+            q = head_norm(q, a["query_norm_scale"], a["query_norm_bias"], cfg.qk_norm_epsilon)
+            kk = head_norm(kk, a["key_norm_scale"], a["key_norm_bias"], cfg.qk_norm_epsilon)
+        if rope is not None:
+            q, kk = apply_rotary(q, rope), apply_rotary(kk, rope)
+        q = heads_first(q * scale)
+        kk = heads_first(kk).astype(c["key"].dtype)
         v = heads_first(q_lib.matmul(h, a["value"], 1, dtype)).astype(c["value"].dtype)
         ck = jax.lax.dynamic_update_slice(c["key"], kk, (0, 0, index, 0))
         cv = jax.lax.dynamic_update_slice(c["value"], v, (0, 0, index, 0))
-        new_cache.append({"key": ck, "value": cv})
-        scores = jnp.einsum("bhtk,bhsk->bhts", q, ck.astype(dtype)).astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        ctx = jnp.swapaxes(jnp.einsum("bhts,bhsk->bhtk", probs, cv.astype(dtype)), 1, 2)
-        x = x + q_lib.matmul(ctx, a["out"], 2, dtype)
-        x = x + q_lib.matmul(act(q_lib.matmul(layer_norm(x, eps), m["wi"], 1, dtype)), m["wo"], 1, dtype)
-    x = layer_norm(x, eps)
+        if groups == 1:
+            scores = jnp.einsum("bhtk,bhsk->bhts", q, ck.astype(dtype)).astype(jnp.float32)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            ctx = jnp.einsum("bhts,bhsk->bhtk", probs, cv.astype(dtype))
+        else:  # each cached kv head serves `groups` query heads, read without repeating the cache
+            b = q.shape[0]
+            qg = q.reshape(b, cfg.kv_heads, groups, t, cfg.head_dim)
+            scores = jnp.einsum("bgrtk,bgsk->bgrts", qg, ck.astype(dtype)).astype(jnp.float32)
+            scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            ctx = jnp.einsum("bgrts,bgsk->bgrtk", probs, cv.astype(dtype)).reshape(q.shape)
+        out = q_lib.matmul(jnp.swapaxes(ctx, 1, 2), a["out"], 2, dtype)
+        return out, {"key": ck, "value": cv}
+
+    def mlp(m, h):
+        if cfg.mlp_type == "gated":
+            hidden = act(q_lib.matmul(h, m["wi_gate"], 1, dtype)) * q_lib.matmul(h, m["wi"], 1, dtype)
+        else:
+            hidden = act(q_lib.matmul(h, m["wi"], 1, dtype))
+        return q_lib.matmul(hidden, m["wo"], 1, dtype)
+
+    new_cache = []
+    for p, c in zip(layers, cache):
+        n1, n2 = p.get("attention_norm"), p.get("mlp_norm")
+        if cfg.swin_norm:
+            out, entry = attention(p["attention"], x, c)
+            x = x + norm(out, n1)
+            x = x + norm(mlp(p["mlp"], x), n2)
+        else:
+            out, entry = attention(p["attention"], norm(x, n1), c)
+            x = x + out
+            x = x + mlp(p["mlp"], norm(x, n2))
+        new_cache.append(entry)
+    x = norm(x, params.get("final_norm"))
     logits = q_lib.matmul(x, params["output_projection"], 1, dtype)
     return logits, tuple(new_cache)

@@ -23,7 +23,7 @@ INT8_KEY, SCALE_KEY = "int8", "scale"
 
 # leaf name -> how many leading (input) dims are contracted; the output dims
 # follow and get one scale each. Embedding tables: rows are the output.
-_MATRICES = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wo": 1, "output_projection": 1}
+_MATRICES = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wi_gate": 1, "wo": 1, "output_projection": 1}
 _TABLES = ("token_embedding", "position_embedding")
 
 

@@ -92,8 +92,14 @@ def cmd_finetune(args, gin_bindings: List[str]) -> int:
     gin_utils.parse(args.gin_file, bindings, search, TRAIN_DATA_MODULES)
     import gin
 
+    from cm3leon_jax import distributed
     from cm3leon_jax.data import pipeline
     from cm3leon_jax.train import trainer
+
+    try:  # multi-host: before write_config asks JAX for the process index
+        distributed.initialize_distributed()
+    except distributed.DistributedConfigError as e:
+        return _input_error(e)
 
     model_dir = gin.query_parameter("MODEL_DIR/macro.value")
     task = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")

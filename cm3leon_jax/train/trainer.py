@@ -8,6 +8,7 @@ TensorBoard and metrics.jsonl, a progress line with ETA.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,12 +16,13 @@ import math
 import os
 import signal
 import sys
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import gin
 import jax
 import numpy as np
 
+from cm3leon_jax import distributed as distributed_lib
 from cm3leon_jax import partitioning
 from cm3leon_jax.models.decoder import Decoder, DecoderConfig
 from cm3leon_jax.train import checkpoints as ckpt_lib
@@ -49,8 +51,51 @@ def batch_hash(batch: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def batch_hashes_path(model_dir: str, process_index: Optional[int] = None) -> str:
+    """model_dir/batch_hashes.jsonl for process 0; other hosts of a multi-host
+    run hash their own shard into batch_hashes.process<i>.jsonl."""
+    i = jax.process_index() if process_index is None else process_index
+    name = BATCH_HASHES_FILE if i == 0 else BATCH_HASHES_FILE.replace(".jsonl", f".process{i}.jsonl")
+    return os.path.join(model_dir, name)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class TrainStepBuild:
+    """What `build_train_step` makes: the abstract TrainState and its
+    shardings, a jitted sharded init, and the jitted train step
+    `(state, batch) -> (state, metrics)` with its input shardings (the state
+    is donated). `cm3leon compile` lowers this same `jit_step` for a TPU
+    topology (train/compile.py)."""
+
+    model: Decoder
+    schedule: Any
+    abstract: Any
+    shardings: Any
+    sharded_init: Any
+    jit_step: Any
+    batch_sharding: Any
+
+
+def build_train_step(model_config: DecoderConfig, train_steps: int, seq_len: int, mesh, rules,
+                     num_microbatches: int = 1, z_loss: float = 0.0, seed: int = 0) -> TrainStepBuild:
+    """The decoder, the gin optimizer and LR schedule, the sharded state and
+    the jitted train step over `mesh` (any mesh: CPU devices, or TPU devices
+    of a topology description for ahead-of-time compilation)."""
+    model = Decoder(model_config)
+    schedule = opt_lib.learning_rate_schedule(total_steps=train_steps)
+    tx = opt_lib.adamw(schedule)
+    abstract, shardings, sharded_init = state_lib.abstract_state(model, tx, seq_len, seed, mesh, rules)
+    step_fn = make_train_step(model.apply, tx, schedule, num_microbatches, z_loss)
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, partitioning.replicated(mesh)),
+                       donate_argnums=(0,))
+    jit_step = partitioning.RulesInForce(jit_step, mesh, rules)
+    return TrainStepBuild(model, schedule, abstract, shardings, sharded_init, jit_step, batch_sharding)
 
 
 class _Preemption:
@@ -116,6 +161,9 @@ def train(*,
         yet) starts from these params (a model dir or checkpoint dir; not
         its optimizer state or step); a resumed run ignores it.
     """
+    # Multi-host: jax.distributed.initialize before anything touches devices
+    # (a no-op for single-process runs and when `cm3leon train` already did it).
+    distributed_lib.initialize_distributed()
     model_config = model_config or DecoderConfig()
     from cm3leon_jax.data.pipeline import TrainIterator, check_vocabulary, decoder_length
 
@@ -132,10 +180,8 @@ def train(*,
 
     mesh = partitioning.create_mesh()
     rules = partitioning.logical_axis_rules()
-    model = Decoder(model_config)
-    schedule = opt_lib.learning_rate_schedule(total_steps=train_steps)
-    tx = opt_lib.adamw(schedule)
-    abstract, shardings, sharded_init = state_lib.abstract_state(model, tx, seq_len, seed, mesh, rules)
+    built = build_train_step(model_config, train_steps, seq_len, mesh, rules, num_microbatches, z_loss, seed)
+    abstract, shardings, sharded_init = built.abstract, built.shardings, built.sharded_init
     target = ckpt_lib.abstract_with_sharding(abstract, shardings)
 
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every,
@@ -162,15 +208,15 @@ def train(*,
                          shard_index=jax.process_index(), num_shards=jax.process_count(),
                          start_batch=start_step)
     if restored is not None:
-        problem = TrainIterator.check_resumable(data_state, data.spec)
+        # The iterator state is saved once (by process 0, Orbax's JsonSave), so
+        # its shard_index is process 0's; every other field is the same on all
+        # hosts (the batches are consumed in lockstep).
+        problem = TrainIterator.check_resumable(
+            {k: v for k, v in data_state.items() if k != "shard_index"}, data.spec)
         if problem:
             raise ValueError(f"cannot resume {model_dir}: {problem}")
 
-    step_fn = make_train_step(model.apply, tx, schedule, num_microbatches, z_loss)
-    batch_sharding = partitioning.batch_sharding(mesh, rules)
-    jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, partitioning.replicated(mesh)),
-                       donate_argnums=(0,))
+    jit_step = built.jit_step
 
     writer = metrics_lib.create_writer(model_dir, is_chief)
     if start_step == 0 and is_chief:
@@ -183,7 +229,7 @@ def train(*,
     progress = metrics_lib.Progress(train_steps, start_step)
     fault_step = int(os.environ.get(FAULT_SIGKILL_ENV, "0") or 0)
 
-    hashes = open(os.path.join(model_dir, BATCH_HASHES_FILE), "a") if record_batch_hashes else None
+    hashes = open(batch_hashes_path(model_dir), "a") if record_batch_hashes else None
     pending = []  # (step, metrics on device) not yet checked for finiteness
     last = {}
     step = start_step
