@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cm3leon_jax.eval.commands import add_eval
     from cm3leon_jax.sft.commands import add_finetune, add_sft
 
-    from cm3leon_jax.train.compile import add_compile
+    from cm3leon_jax.train.compile_command import add_compile
 
     add_finetune(sub)
     add_sft(sub)
