@@ -110,6 +110,16 @@ def missing_required() -> List[str]:
 
 
 def _resolve_file(f: str, search_paths: Sequence[str]) -> str:
+    from cm3leon_jax import paths as paths_lib
+
+    if paths_lib.is_url(f):  # a config.gin in a gs:// model dir: gin reads it with tf.io.gfile
+        if not paths_lib.exists(f):
+            raise GinConfigError(f"gin file {f!r} not found")
+        import gin
+        import tensorflow as tf
+
+        gin.config.register_file_reader(tf.io.gfile.GFile, lambda p: paths_lib.is_url(p) and tf.io.gfile.exists(p))
+        return f
     if os.path.exists(f):
         return f
     for base in [REPO_ROOT, *search_paths]:
@@ -138,10 +148,12 @@ def write_config(model_dir: str, filename: str = "config.gin") -> str:
     import gin
     import jax
 
+    from cm3leon_jax import paths as paths_lib
+
     path = os.path.join(model_dir, filename)
     if jax.process_index() == 0:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        paths_lib.makedirs(model_dir)  # a local dir or gs:// (paths.py)
+        with paths_lib.open(path, "w", encoding="utf-8") as f:
             f.write(gin.config_str())
     return path
 

@@ -92,6 +92,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.data import images as images_lib
 from cm3leon_jax.data import sources as sources_lib
 from cm3leon_jax.data.sources import SkippedDocument
@@ -672,17 +673,17 @@ class PreparedDataset:
     kind = PREPARED_KIND
 
     def __init__(self, path: str, decode_images: bool = False):
-        self.path = os.path.abspath(path)
+        self.path = paths_lib.abspath(path)  # local, or gs:// (ArrayRecord reads GCS itself)
         self.spec = f"{PREPARED_KIND}:{self.path}"
         self.decode_images = bool(decode_images)
         man_path = os.path.join(path, MANIFEST_FILE)
-        if not os.path.isdir(path):
+        if not paths_lib.isdir(path):
             raise ValueError(f"prepared dataset {path!r} does not exist: make one with `cm3leon prepare "
                              "--source=... --out=DIR ...`")
-        if not os.path.isfile(man_path):
+        if not paths_lib.isfile(man_path):
             raise ValueError(f"{path!r} has no {MANIFEST_FILE}: not a prepared dataset")
         try:
-            with open(man_path) as f:
+            with paths_lib.open(man_path) as f:
                 man = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt manifest {man_path!r} ({e}): prepare again") from None
@@ -701,7 +702,7 @@ class PreparedDataset:
         if len(self.records) != man["count"]:
             raise ValueError(f"prepared dataset {path!r}: {len(self.records)} records on disk, the manifest says "
                              f"{man['count']}: rerun `cm3leon prepare`")
-        self.ids = np.load(os.path.join(self.path, man.get("ids", IDS_FILE)), allow_pickle=False)
+        self.ids = paths_lib.load_npy(os.path.join(self.path, man.get("ids", IDS_FILE)))
         if self.ids.shape != (man["count"],):
             raise ValueError(f"prepared dataset {path!r}: {IDS_FILE} has shape {self.ids.shape}, expected "
                              f"({man['count']},): rerun `cm3leon prepare`")

@@ -63,6 +63,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import retrieval_aug
@@ -86,7 +87,7 @@ MAX_VALIDATION_DOCS = 1000
 def shapes_data_dir(path: Optional[str] = None) -> str:
     """Where the built-in shapes tasks read their data (see the module
     docstring)."""
-    return os.path.abspath(path or os.environ.get(SHAPES_DATA_ENV) or os.path.join("demo_out", "data"))
+    return paths_lib.abspath(path or os.environ.get(SHAPES_DATA_ENV) or os.path.join("demo_out", "data"))
 
 
 @gin.configurable
@@ -100,7 +101,7 @@ def corpus_data_dir(path: Optional[str] = None) -> str:
         raise ValueError(f"the corpus tasks ({CORPUS_TASK}, {CORPUS_RETRIEVAL_TASK}) need their data dir: bind "
                          f"corpus_data_dir.path = '/path' in gin (or set ${CORPUS_DATA_ENV}) to a `cm3leon "
                          "task-data --source=... --out=DIR` output")
-    return os.path.abspath(path)
+    return paths_lib.abspath(path)  # a gs:// URL stays as it is
 
 
 def validation_count(n: int, fraction: float) -> int:
@@ -114,7 +115,7 @@ def validation_count(n: int, fraction: float) -> int:
 def resolve_path(p: Optional[PathSpec]) -> Optional[str]:
     if p is None:
         return None
-    return os.path.abspath(p() if callable(p) else p)
+    return paths_lib.abspath(p() if callable(p) else p)
 
 
 # =========================================================================== the data a task reads

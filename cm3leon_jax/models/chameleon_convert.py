@@ -85,9 +85,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cm3leon_jax.models import safetensors_io
+
 MAPPING_FILE = "vocab_mapping.json"
 REPORT_FILE = "conversion.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 IMAGE_TOKEN_PREFIX = "IMGIMG"
 
 # our special id -> (role, Chameleon token names tried in order)
@@ -241,41 +242,6 @@ def to_hf(ids, mapping: dict) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- weights
-def _source_files(hf_dir: str) -> Tuple[List[str], str]:
-    if not os.path.exists(hf_dir):
-        raise ValueError(f"--hf_dir {hf_dir!r} does not exist")
-    if not os.path.isdir(hf_dir):
-        raise ValueError(f"--hf_dir {hf_dir!r} is not a directory (a `save_pretrained` dir with config.json "
-                         "and *.safetensors)")
-    names = sorted(os.listdir(hf_dir))
-    files = [os.path.join(hf_dir, n) for n in names if n.endswith(".safetensors")]
-    if not files:
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        found = f" (found {', '.join(pickles)})" if pickles else ""
-        raise ValueError(f"{hf_dir}: no .safetensors files{found}; pickled checkpoints are never loaded: "
-                         "re-save with `save_pretrained(..., safe_serialization=True)`")
-    cfg_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{cfg_path} not found: the model's config.json is needed for its sizes")
-    return files, cfg_path
-
-
-def read_tensors(files: List[str]) -> Dict[str, np.ndarray]:
-    """Every tensor of the safetensors files, as numpy (bf16/fp16 as ml_dtypes)."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="np") as f:
-                for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
-        except Exception as e:  # noqa: BLE001 - a damaged file: one line naming it
-            raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: "
-                             f"{str(e)[:200]})") from None
-    return tensors
-
-
 _LAYER_KEYS = {  # HF suffix under model.layers.i. -> (our sub-tree, leaf)
     "self_attn.q_proj.weight": ("attention", "query"),
     "self_attn.k_proj.weight": ("attention", "key"),
@@ -394,7 +360,9 @@ def convert_to_model_dir(hf_dir: str, out_dir: str, num_mask_tokens: int = 32, d
                          param_dtype: str = "float32") -> dict:
     """Converts `hf_dir` and writes `out_dir` (see the module docstring).
     ValueError (one line) for a bad input."""
-    files, cfg_path = _source_files(hf_dir)
+    files, cfg_path = safetensors_io.source_files(hf_dir, "--hf_dir", allow_file=False)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{cfg_path} not found: the model's config.json is needed for its sizes")
     try:
         with open(cfg_path) as f:
             hf = json.load(f)
@@ -415,7 +383,7 @@ def convert_to_model_dir(hf_dir: str, out_dir: str, num_mask_tokens: int = 32, d
 
     vocab = vocab_lib.UnifiedVocabulary(**layout)
     assert vocab.size == cfg.vocab_size
-    tensors = read_tensors(files)
+    tensors, _ = safetensors_io.read_tensors(files)
     params, report = convert_state_dict(tensors, opts, mapping, bool(hf.get("tie_word_embeddings", False)))
     _check_against_model(params, cfg)
 

@@ -26,10 +26,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from cm3leon_jax.models import safetensors_io
 from cm3leon_jax.models.clip import HF_TOKENIZER_FILES, TOKENIZER_SUBDIR, CLIPConfig
 
 CONFIG_FILE = "clip_config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults, for
 # keys an (older) config.json leaves out.
@@ -138,39 +138,6 @@ def _to_ours(value: np.ndarray, transpose: bool) -> np.ndarray:
     return value
 
 
-def _read_safetensors(files) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    from safetensors import safe_open
-
-    # bfloat16 / float16 tensors load as ml_dtypes / numpy arrays and are cast
-    # to float32 in `_to_ours`.
-    tensors, origin = {}, {}
-    for file in files:
-        with safe_open(file, framework="np") as f:
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-                origin[k] = file
-    return tensors, origin
-
-
-def _source_files(path: str) -> Tuple[list, str]:
-    if os.path.isdir(path):
-        names = sorted(os.listdir(path))
-        files = [os.path.join(path, f) for f in names if f.endswith(".safetensors")]
-        if not files:
-            pickles = [f for f in names if f.endswith(PICKLE_SUFFIXES)]
-            found = f" (found {', '.join(pickles)})" if pickles else ""
-            raise ValueError(f"{path}: no .safetensors files{found}. safetensors is required: pickled "
-                             "checkpoints are never loaded; re-save the model with "
-                             "`save_pretrained(..., safe_serialization=True)` or take its model.safetensors")
-        return files, os.path.join(path, "config.json")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: expected a directory with config.json + *.safetensors or a .safetensors "
-                         "file (safetensors is required: pickles are never loaded)")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    return [path], os.path.join(os.path.dirname(path) or ".", "config.json")
-
-
 def convert_state_dict(tensors: Dict[str, np.ndarray], cfg: CLIPConfig,
                        origin: Dict[str, str] | None = None) -> Tuple[dict, dict]:
     """transformers CLIPModel tensors -> (our params tree, report). Every
@@ -227,12 +194,12 @@ def load_hf_clip(path: str) -> Tuple[CLIPConfig, dict, dict]:
     """(CLIPConfig, params, report) from `path`: a directory with config.json
     and *.safetensors (transformers `CLIPModel.save_pretrained`), or one
     .safetensors file with a config.json beside it."""
-    files, cfg_path = _source_files(path)
+    files, cfg_path = safetensors_io.source_files(path)
     if not os.path.exists(cfg_path):
         raise ValueError(f"{cfg_path} not found: the CLIP checkpoint's config.json is needed for its sizes")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), cfg_path)
-    tensors, origin = _read_safetensors(files)
+    tensors, origin = safetensors_io.read_tensors(files)
     params, report = convert_state_dict(tensors, cfg, origin)
     report.update(files=[os.path.basename(f) for f in files])
     return cfg, params, report

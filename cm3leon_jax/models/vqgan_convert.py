@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from cm3leon_jax.models import safetensors_io
 from cm3leon_jax.models.vqgan import VQGANConfig
 
 # Prefixes under which full multimodal checkpoints keep the VQ-VAE.
@@ -109,21 +110,8 @@ def config_from_hf(config: dict, resolution: Optional[int] = None) -> VQGANConfi
 def load_hf_vqgan(path: str, resolution: Optional[int] = None) -> Tuple[VQGANConfig, dict, dict]:
     """Read `path` (a directory with config.json + *.safetensors, or one
     .safetensors file with a config.json beside it)."""
-    from safetensors.numpy import load_file
-
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise ValueError(f"{path}: no .safetensors files (pickled checkpoints are not read)")
-        tensors = {}
-        for f in files:
-            tensors.update(load_file(os.path.join(path, f)))
-        cfg_path = os.path.join(path, "config.json")
-    else:
-        if not path.endswith(".safetensors"):
-            raise ValueError(f"{path}: expected a .safetensors file or a directory")
-        tensors = load_file(path)
-        cfg_path = os.path.join(os.path.dirname(path), "config.json")
+    files, cfg_path = safetensors_io.source_files(path)
+    tensors, _ = safetensors_io.read_tensors(files)
     if not os.path.exists(cfg_path):
         raise ValueError(f"{cfg_path} not found: the VQ-VAE's config.json is needed for its sizes")
     with open(cfg_path) as f:

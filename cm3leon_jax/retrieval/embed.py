@@ -50,6 +50,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cm3leon_jax import paths as paths_lib
+
 FORMAT_VERSION = 1
 BANK_FILE = "bank.json"
 RUN_FILE = "embed_run.json"
@@ -523,16 +525,16 @@ class Bank:
 
     def __init__(self, path: str, mmap: bool = True):
         self.path = path
-        if not os.path.isdir(path):
+        if not paths_lib.isdir(path):  # local, or gs:// (arrays read into memory, no mmap)
             raise FileNotFoundError(f"bank directory {path!r} does not exist: make one with "
                                     "`cm3leon embed --clip_dir=... --source=... --out=DIR`")
         man_path = os.path.join(path, BANK_FILE)
-        if not os.path.isfile(man_path):
+        if not paths_lib.isfile(man_path):
             hint = ("an unfinished `cm3leon embed` (rerun the same command to finish it)"
-                    if os.path.isdir(os.path.join(path, CHUNK_DIR)) else "not a memory bank")
+                    if paths_lib.isdir(os.path.join(path, CHUNK_DIR)) else "not a memory bank")
             raise FileNotFoundError(f"{path!r} has no {BANK_FILE}: {hint}")
         try:
-            with open(man_path) as f:
+            with paths_lib.open(man_path) as f:
                 man = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt bank manifest {man_path!r} (not valid JSON: {e}); embed again") from e
@@ -549,10 +551,10 @@ class Bank:
 
         def load(name, shape, dtype):
             full = os.path.join(path, name)
-            if not os.path.isfile(full):
+            if not paths_lib.isfile(full):
                 raise FileNotFoundError(f"bank {path!r} is missing {name}: embed again")
             try:
-                a = np.load(full, mmap_mode=mode, allow_pickle=False)
+                a = paths_lib.load_npy(full, mmap_mode=mode)
             except (ValueError, OSError) as e:
                 raise ValueError(f"bank {path!r}: {name} is unreadable ({e}); embed again") from e
             if a.shape != shape or a.dtype != dtype:
@@ -588,7 +590,7 @@ class Bank:
 
     def caption(self, row: int) -> Optional[str]:
         start, stop = int(self._offsets[row]), int(self._offsets[row + 1])
-        with open(os.path.join(self.path, CAPTIONS_FILE), "rb") as f:
+        with paths_lib.open(os.path.join(self.path, CAPTIONS_FILE), "rb") as f:
             f.seek(start)
             return json.loads(f.read(stop - start).decode("utf-8"))["caption"]
 

@@ -35,6 +35,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.retrieval import embed as embed_lib
 from cm3leon_jax.retrieval.strategy import Candidate
 
@@ -157,18 +158,18 @@ class NeighbourTable:
     def __init__(self, bank_dir: str, mmap: bool = True):
         path = os.path.join(bank_dir, TABLE_DIR)
         man_path = os.path.join(path, MANIFEST_FILE)
-        if not os.path.isfile(man_path):
+        if not paths_lib.isfile(man_path):  # local, or gs:// (read into memory, no mmap)
             raise FileNotFoundError(f"bank {bank_dir!r} has no neighbour table ({TABLE_DIR}/{MANIFEST_FILE}): "
                                     "make one with `cm3leon index neighbours --embeddings=BANK_DIR "
                                     "--index=INDEX_DIR`")
         try:
-            with open(man_path) as f:
+            with paths_lib.open(man_path) as f:
                 self.manifest = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt neighbour table manifest {man_path!r} ({e}): rebuild it") from e
         mode = "r" if mmap else None
         try:
-            arrays = {name: np.load(os.path.join(path, name + ".npy"), mmap_mode=mode, allow_pickle=False)
+            arrays = {name: paths_lib.load_npy(os.path.join(path, name + ".npy"), mmap_mode=mode)
                       for name in _ARRAYS}
         except (OSError, ValueError) as e:
             raise ValueError(f"neighbour table {path!r} is incomplete or unreadable ({e}): rebuild it") from e

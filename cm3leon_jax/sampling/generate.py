@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
 
 
@@ -59,8 +60,8 @@ def _latest_params(model_dir: str):
     from cm3leon_jax.train import checkpoints as ckpt_lib
 
     directory = ckpt_lib.checkpoint_dir(model_dir)
-    steps = sorted((int(p) for p in os.listdir(directory) if p.isdigit()), reverse=True) \
-        if os.path.isdir(directory) else []
+    steps = sorted((int(p) for p in paths_lib.listdir(directory) if p.isdigit()), reverse=True) \
+        if paths_lib.isdir(directory) else []
     if not steps:
         raise ValueError(f"model dir {model_dir!r} has no checkpoint under {directory!r}: train it first "
                          "(`cm3leon train --model_dir=...`)")
@@ -85,7 +86,7 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
     from cm3leon_jax.models.decoder import DecoderConfig
 
     config = os.path.join(model_dir, "config.gin")
-    if not os.path.isfile(config):
+    if not paths_lib.isfile(config):
         raise ValueError(f"{model_dir!r} has no config.gin: not a `cm3leon train` model dir")
     from cm3leon_jax.cli import TRAIN_DATA_MODULES
 
@@ -106,8 +107,8 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
         if paths:
             prepared_dir, bank_dir = paths
     models, sft = {}, False
-    if prepared_dir and os.path.isfile(os.path.join(prepared_dir, "prepared.json")):
-        with open(os.path.join(prepared_dir, "prepared.json")) as f:
+    if prepared_dir and paths_lib.isfile(os.path.join(prepared_dir, "prepared.json")):
+        with paths_lib.open(os.path.join(prepared_dir, "prepared.json")) as f:
             models = json.load(f).get("models", {})
     elif task:
         from cm3leon_jax.data import pipeline
@@ -119,14 +120,14 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
         except ValueError:
             sft = False
         sft_dir = sft_tasks.sft_data_dir_of(task) if sft else None
-        if sft_dir and os.path.isfile(os.path.join(sft_dir, sft_records.MANIFEST)):
+        if sft_dir and paths_lib.isfile(os.path.join(sft_dir, sft_records.MANIFEST)):
             models = sft_records.read_manifest(sft_dir).get("models", {})
     index_dir = None
     if bank_dir:
         index_dir = os.path.join(os.path.dirname(bank_dir), tasks_lib.INDEX_SUBDIR)
-        if not os.path.isdir(index_dir):
+        if not paths_lib.isdir(index_dir):
             index_dir = None
-    return ModelBundle(model_dir=os.path.abspath(model_dir), cfg=cfg, vocab=vocab, params=params, step=step,
+    return ModelBundle(model_dir=paths_lib.abspath(model_dir), cfg=cfg, vocab=vocab, params=params, step=step,
                        vqgan_dir=vqgan_dir or models.get("vqgan_dir"),
                        text_tokenizer=text_tokenizer or models.get("text_tokenizer"),
                        clip_dir=clip_dir or models.get("clip_dir"), bank_dir=bank_dir, index_dir=index_dir,
@@ -141,7 +142,7 @@ RETRIEVAL_CANDIDATES = 256
 
 
 def _need(value, what: str, flag: str):
-    if not value or not os.path.exists(value):
+    if not value or not paths_lib.exists(value):
         raise ValueError(f"generation needs the {what} ({value!r} not found): pass {flag}")
     return value
 

@@ -23,6 +23,7 @@ import sys
 from typing import List, Optional
 
 from cm3leon_jax import gin_utils
+from cm3leon_jax import paths as paths_lib
 
 # The bindings of the pretrained model that the fine-tuned one must share.
 ARCHITECTURE_CONFIGURABLES = ("DecoderConfig", "UnifiedVocabulary")
@@ -51,9 +52,10 @@ def add_finetune(sub) -> None:
 def find_config(init_checkpoint: str) -> Optional[str]:
     """The config.gin of the model dir holding `init_checkpoint` (it or up to
     three parents: model dir, checkpoints/, checkpoints/STEP, .../state)."""
-    d = os.path.abspath(init_checkpoint)
+    d = paths_lib.abspath(init_checkpoint)
+    d = d.rstrip("/") if paths_lib.is_url(d) else d  # gs://b/run/ -> gs://b/run, so dirname walks up
     for _ in range(4):
-        if os.path.isfile(os.path.join(d, "config.gin")):
+        if paths_lib.isfile(os.path.join(d, "config.gin")):
             return os.path.join(d, "config.gin")
         d = os.path.dirname(d)
     return None
@@ -66,7 +68,7 @@ def architecture_bindings(config_path: str) -> List[str]:
     """The single-line `DecoderConfig.*` / `UnifiedVocabulary.*` bindings of a
     written config.gin (gin.config_str() output)."""
     out = []
-    with open(config_path, encoding="utf-8") as f:
+    with paths_lib.open(config_path, encoding="utf-8") as f:
         for line in f:
             m = _BINDING.match(line.strip())
             if m:
@@ -78,14 +80,14 @@ def cmd_finetune(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.cli import TRAIN_DATA_MODULES, _input_error
 
     config = find_config(args.init_checkpoint)
-    if not os.path.exists(args.init_checkpoint):
+    if not paths_lib.exists(args.init_checkpoint):
         return _input_error(ValueError(f"--init_checkpoint {args.init_checkpoint!r} does not exist"))
     arch = architecture_bindings(config) if config else []
     if not arch:
         print(f"warning: no config.gin with model bindings found above {args.init_checkpoint!r}; the SFT gin "
               "file must bind the pretrained model's DecoderConfig and UnifiedVocabulary", file=sys.stderr)
     bindings = arch + list(args.gin_bindings) + list(gin_bindings)
-    bindings.append(f"train.init_checkpoint = {os.path.abspath(args.init_checkpoint)!r}")
+    bindings.append(f"train.init_checkpoint = {paths_lib.abspath(args.init_checkpoint)!r}")
     if args.model_dir:
         bindings.append(f"MODEL_DIR = {args.model_dir!r}")
     search = [s for s in (args.gin_search_paths or "").split(",") if s]

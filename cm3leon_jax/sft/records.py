@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.sft import format as fmt
 
 MANIFEST = "sft.json"
@@ -309,11 +310,11 @@ def _write_manifest(out_dir: str, man: dict):
 
 def read_manifest(data_dir: str) -> dict:
     path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
+    if not paths_lib.isfile(path):  # local or gs:// (paths.py)
         raise ValueError(f"{data_dir!r} has no {MANIFEST}: not a prepared SFT dataset (make one with "
                          "`cm3leon sft prepare`)")
     try:
-        with open(path) as f:
+        with paths_lib.open(path) as f:
             man = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"corrupt SFT manifest {path!r} ({e}): prepare again") from None
@@ -324,7 +325,7 @@ def read_manifest(data_dir: str) -> dict:
 
 
 def shard_pattern(data_dir: str, family: str, split: str) -> str:
-    return os.path.join(os.path.abspath(data_dir), family, f"{split}-*-of-*.tfrecord")
+    return os.path.join(paths_lib.abspath(data_dir), family, f"{split}-*-of-*.tfrecord")
 
 
 FEATURES = ("instruction", "input", "output")
@@ -335,7 +336,8 @@ def read_examples(data_dir: str, family: str, split: str, limit: Optional[int] =
     in file order; for evaluation."""
     import tensorflow as tf
 
-    files = sorted(glob.glob(shard_pattern(data_dir, family, split)))
+    pattern = shard_pattern(data_dir, family, split)
+    files = sorted(tf.io.gfile.glob(pattern) if paths_lib.is_url(pattern) else glob.glob(pattern))
     out = []
     for raw in tf.data.TFRecordDataset(files).take(-1 if limit is None else limit).as_numpy_iterator():
         ex = tf.train.Example.FromString(raw)

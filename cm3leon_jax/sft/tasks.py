@@ -38,6 +38,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data.tasks import resolve_path
 from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
@@ -59,7 +60,7 @@ CONDITION_DROPOUT = 0.05
 
 @gin.configurable
 def shapes_sft_data_dir(path: Optional[str] = None) -> str:
-    return os.path.abspath(path or os.environ.get(SHAPES_SFT_ENV) or os.path.join("demo_out", "sft_data"))
+    return paths_lib.abspath(path or os.environ.get(SHAPES_SFT_ENV) or os.path.join("demo_out", "sft_data"))
 
 
 @gin.configurable
@@ -69,7 +70,7 @@ def corpus_sft_data_dir(path: Optional[str] = None) -> str:
         raise ValueError(f"the corpus SFT tasks ({CORPUS_PREFIX}_*) need their data dir: bind "
                          f"corpus_sft_data_dir.path = '/path' in gin (or set ${CORPUS_SFT_ENV}) to a "
                          "`cm3leon sft prepare --out=DIR` output")
-    return os.path.abspath(path)
+    return paths_lib.abspath(path)  # a gs:// URL stays as it is
 
 
 @gin.configurable

@@ -13,6 +13,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm3leon_jax import paths as paths_lib
+
 log = logging.getLogger(__name__)
 
 STATE = "state"
@@ -122,12 +124,13 @@ def abstract_with_sharding(abstract_tree, shardings):
 
 
 def checkpoint_dir(model_dir: str) -> str:
-    return os.path.abspath(os.path.join(model_dir, "checkpoints"))  # orbax wants absolute paths
+    # orbax wants absolute paths; a gs:// URL is kept as it is
+    return paths_lib.abspath(os.path.join(model_dir, "checkpoints"))
 
 
 def _latest_step_dir(directory: str) -> Optional[str]:
-    steps = sorted((int(p) for p in os.listdir(directory) if p.isdigit()), reverse=True) \
-        if os.path.isdir(directory) else []
+    steps = sorted((int(p) for p in paths_lib.listdir(directory) if p.isdigit()), reverse=True) \
+        if paths_lib.isdir(directory) else []
     return os.path.join(directory, str(steps[0])) if steps else None
 
 
@@ -135,7 +138,7 @@ def resolve_init_checkpoint(path: str) -> str:
     """The state dir (`.../checkpoints/N/state`) of an init checkpoint given as
     a model dir (its latest step), a `checkpoints/` dir (its latest step), a
     step dir (`checkpoints/N`) or the state dir itself."""
-    path = os.path.abspath(path)
+    path = paths_lib.abspath(path)
     candidates = []
     for base in (os.path.join(path, "checkpoints"), path):
         step_dir = _latest_step_dir(base)
@@ -143,8 +146,8 @@ def resolve_init_checkpoint(path: str) -> str:
             candidates.append(os.path.join(step_dir, STATE))
     candidates += [os.path.join(path, STATE), path]
     for c in candidates:
-        if os.path.isdir(c) and (os.path.isfile(os.path.join(c, "_METADATA"))
-                                 or os.path.isfile(os.path.join(c, "manifest.ocdbt"))):
+        if paths_lib.isdir(c) and (paths_lib.isfile(os.path.join(c, "_METADATA"))
+                                   or paths_lib.isfile(os.path.join(c, "manifest.ocdbt"))):
             return c
     raise ValueError(f"--init_checkpoint {path!r} holds no checkpoint: give a `cm3leon train` model dir, its "
                      "checkpoints/ dir or one checkpoints/STEP dir")

@@ -12,6 +12,8 @@ from typing import Mapping, Optional
 import numpy as np
 from clu import metric_writers
 
+from cm3leon_jax import paths as paths_lib
+
 
 class JsonlWriter(metric_writers.MetricWriter):
     """clu MetricWriter appending one JSON object per written step.
@@ -22,8 +24,8 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def __init__(self, path: str):
         self._path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        paths_lib.makedirs(os.path.dirname(path) or ".")  # local or gs:// (paths.py)
+        self._f = paths_lib.open(path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         row = {"step": int(step)}
@@ -56,7 +58,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._f.flush()
 
     def close(self):
-        if not self._f.closed:
+        if not getattr(self._f, "closed", False):  # a GFile (gs://) has no .closed; closing twice is fine
             self._f.close()
 
 

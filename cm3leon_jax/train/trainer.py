@@ -24,6 +24,7 @@ import numpy as np
 
 from cm3leon_jax import distributed as distributed_lib
 from cm3leon_jax import partitioning
+from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.models.decoder import Decoder, DecoderConfig
 from cm3leon_jax.train import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
@@ -176,7 +177,7 @@ def train(*,
         raise ValueError(f"train.batch_size={batch_size} is not divisible by "
                          f"train.num_microbatches={num_microbatches}")
     is_chief = jax.process_index() == 0
-    os.makedirs(model_dir, exist_ok=True)
+    paths_lib.makedirs(model_dir)  # local dir or gs:// (paths.py)
 
     mesh = partitioning.create_mesh()
     rules = partitioning.logical_axis_rules()
@@ -229,7 +230,7 @@ def train(*,
     progress = metrics_lib.Progress(train_steps, start_step)
     fault_step = int(os.environ.get(FAULT_SIGKILL_ENV, "0") or 0)
 
-    hashes = open(batch_hashes_path(model_dir), "a") if record_batch_hashes else None
+    hashes = paths_lib.open(batch_hashes_path(model_dir), "a") if record_batch_hashes else None
     pending = []  # (step, metrics on device) not yet checked for finiteness
     last = {}
     step = start_step
