@@ -3,7 +3,7 @@
 Same model as benchmarks/sampler.py (vocabulary 8,192, d_model 512, 8
 layers, fp32, batch 4). For each cache size S (slots the step attends over):
 
-  step_ms     one `models.decoder.cached_forward` step of one token per row
+  step_ms     one `models.decoding.cached_forward` step of one token per row
               (jitted, the cache donated so it is updated in place);
   bytes_mb    what that step must read: the weights it multiplies by (all
               but the two embedding tables, of which it gathers one row
@@ -39,7 +39,8 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from cm3leon_jax.models.decoder import Decoder, DecoderConfig, cached_forward, init_cache, layer_params
+    from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+    from cm3leon_jax.models.decoding import cached_forward, init_cache, layer_params
 
     cfg = DecoderConfig(vocab_size=8192, num_layers=8, d_model=512, num_heads=8, d_ff=2048, max_length=1152,
                         dtype="float32", param_dtype="float32")

@@ -10,7 +10,7 @@ dequantised weights `q * scale`. LayerNorm has no parameters here, so nothing
 else is left in floating point.
 
 `quantize_params(params, cfg)` returns the same tree with each such leaf
-replaced by `{"int8": q, "scale": s}`; `models.decoder.cached_forward` (and
+replaced by `{"int8": q, "scale": s}`; `models.decoding.cached_forward` (and
 so the sampler) accepts either tree. `weight_bytes(tree)` counts the bytes.
 """
 from __future__ import annotations

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig, cached_forward, init_cache
+from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoding import cached_forward, init_cache
 from cm3leon_jax.sampling import sampler
 
 VOCAB = vocab_lib.UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, image_codebook_size=64,

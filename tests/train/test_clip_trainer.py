@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from cm3leon_jax.demo import shapes
