@@ -324,7 +324,7 @@ class RetrievalAugmenter:
 def from_paths(prepared_dir: str, bank_dir: str, **kwargs) -> RetrievalAugmenter:
     """An augmenter over a prepared dataset and the neighbour table of its
     memory bank (`bank_dir/neighbours/`)."""
-    from cm3leon_jax.data.prepare import PreparedDataset
+    from cm3leon_jax.data.prepared import PreparedDataset
     from cm3leon_jax.retrieval.neighbours import NeighbourTable
 
     return RetrievalAugmenter(PreparedDataset(prepared_dir), NeighbourTable(bank_dir), **kwargs)

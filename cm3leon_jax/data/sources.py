@@ -182,9 +182,9 @@ def open_source(spec: str, resolution: Optional[int] = None):
         return ImageFolderSource(rest, **extra)
     if kind in ("webdataset", "tfds", "prepared"):  # implemented with data preparation
         if kind == "prepared":
-            from cm3leon_jax.data import prepare
+            from cm3leon_jax.data import prepared
 
-            return prepare.open_prepared(rest)
+            return prepared.open_prepared(rest)
         from cm3leon_jax.data import corpus_sources
 
         return (corpus_sources.open_webdataset if kind == "webdataset" else corpus_sources.open_tfds)(rest, resolution)

@@ -145,7 +145,7 @@ class TaskData:
     def __init__(self, task_name: str, prepared_dir: str, index_dir: Optional[str], *,
                  validation_fraction: float, num_retrieved: int, num_sets: int, image_first_prob: float,
                  query_dropout: bool, cache_limit: int = 500_000):
-        from cm3leon_jax.data.prepare import PreparedDataset
+        from cm3leon_jax.data.prepared import PreparedDataset
 
         self.task_name, self.index_dir = task_name, index_dir
         hint = ""
@@ -452,7 +452,7 @@ def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: 
     when its output is complete, so an interrupted build continues."""
     import json
 
-    from cm3leon_jax.data import prepare
+    from cm3leon_jax.data import prepare, prepared
     from cm3leon_jax.retrieval import embed, neighbours
     from cm3leon_jax.retrieval.index import INDEX_BANK_REF, MipsIndex
 
@@ -462,9 +462,9 @@ def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: 
     report = {"prepare": prepare.prepare(source, prepared_dir, vqgan_dir, text_tokenizer, clip_dir,
                                          max_text_tokens=max_text_tokens, records_per_shard=records_per_shard,
                                          progress=progress)}
-    ds = prepare.PreparedDataset(prepared_dir)
+    ds = prepared.PreparedDataset(prepared_dir)
     if not os.path.isfile(os.path.join(bank_dir, embed.BANK_FILE)) or report["prepare"]["new_records"]:
-        bank = prepare.bank_from_prepared(ds, clip_dir, bank_dir, text_tokenizer=text_tokenizer)
+        bank = prepared.bank_from_prepared(ds, clip_dir, bank_dir, text_tokenizer=text_tokenizer)
         if bank is None:
             raise ValueError(f"{clip_dir!r} is not the CLIP {prepared_dir!r} was prepared with")
         report["bank"] = {"count": bank["count"]}

@@ -123,7 +123,7 @@ def _samples_of(c, name: str) -> List[dict]:
 def _retrieved_images(c, report_rows, k: int) -> Dict[int, np.ndarray]:
     """Retrieved documents' images (the VQ-GAN reconstruction stored in the
     prepared dataset) for the grid's prompts."""
-    from cm3leon_jax.data.prepare import PreparedDataset
+    from cm3leon_jax.data.prepared import PreparedDataset
 
     ids = {d["id"] for r in report_rows for d in r["retrieved"][:k]}
     if not ids:

@@ -93,10 +93,10 @@ def cmd_embed(args, gin_bindings: List[str]) -> int:
         source = sources.open_source(args.source, resolution=args.resolution)
         result = None
         if getattr(source, "kind", None) == "prepared":  # same CLIP: the stored embeddings, no model run
-            from cm3leon_jax.data import prepare
+            from cm3leon_jax.data import prepared
 
-            result = prepare.bank_from_prepared(source, args.clip_dir, args.out, modality=args.modality,
-                                                text_tokenizer=args.text_tokenizer)
+            result = prepared.bank_from_prepared(source, args.clip_dir, args.out, modality=args.modality,
+                                                 text_tokenizer=args.text_tokenizer)
         if result is None:
             result = embed.embed_source(source, args.clip_dir, args.out, batch_size=args.batch_size,
                                         modality=args.modality, chunk_size=args.chunk_size,

@@ -191,7 +191,7 @@ class Generator:
         dropout), from the task's memory bank and index."""
         if k <= 0:
             return []
-        from cm3leon_jax.data.prepare import PreparedDataset
+        from cm3leon_jax.data.prepared import PreparedDataset
         from cm3leon_jax.retrieval import embed, strategy
         from cm3leon_jax.retrieval.index import MipsIndex
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.data import prepare
+from cm3leon_jax.data import prepare, prepared
 from cm3leon_jax.data.images import load_image
 from cm3leon_jax.data.sources import open_source
 from cm3leon_jax.data.tokenizers import TextTokenizer
@@ -169,12 +169,12 @@ def _check_rerun(run):
     assert second["resumed_shards"] == second["shards"] == 3 and second["new_records"] == 0
     out = run["out"]
     assert _mtimes(out) == run["mtimes"]  # a rerun of a finished dataset writes nothing
-    ds = prepare.PreparedDataset(out)
+    ds = prepared.PreparedDataset(out)
     assert len(ds) == len(GOOD_IDS) and sorted(ds.ids.tolist()) == GOOD_IDS  # no duplicates
 
 
 def _check_dataset(out, rows, models):
-    ds = prepare.PreparedDataset(out)
+    ds = prepared.PreparedDataset(out)
     vocab = ds.vocabulary
     assert (vocab.image_codebook_size, vocab.text_vocab_size) == (32, 320)
     assert len(ds) == len(GOOD_IDS) and ds.ids.tolist() == GOOD_IDS
@@ -256,7 +256,7 @@ def test_interrupted_run_recomputes_only_the_missing_shard(wds_run, models, tmp_
     assert report["resumed_shards"] == 2 and report["new_records"] == 1 and report["written"] == 6
     assert report["skipped"] == SKIPPED
     assert {f: os.path.getmtime(os.path.join(out, f)) for f in kept} == kept  # the others untouched
-    a, b = prepare.PreparedDataset(wds_run["out"]), prepare.PreparedDataset(out)
+    a, b = prepared.PreparedDataset(wds_run["out"]), prepared.PreparedDataset(out)
     assert len(a) == len(b) == 6 and a.ids.tolist() == b.ids.tolist()
     for r in range(6):
         x, y = a[r], b[r]
@@ -282,15 +282,15 @@ def test_reader_grain_and_bank_from_stored_embeddings(wds_run, models, tmp_path)
     from cm3leon_jax.retrieval import embed
 
     ds = open_source(f"prepared:{wds_run['out']}")
-    assert isinstance(ds, prepare.PreparedDataset) and ds.spec == f"prepared:{wds_run['out']}"
-    mds = grain.MapDataset.source(prepare.PreparedDataset(wds_run["out"]))
+    assert isinstance(ds, prepared.PreparedDataset) and ds.spec == f"prepared:{wds_run['out']}"
+    mds = grain.MapDataset.source(prepared.PreparedDataset(wds_run["out"]))
     assert len(mds) == 6 and mds[2]["id"] == 2
     rec = ds[0]  # the document protocol: text and the VQ-GAN reconstruction
     assert rec["text"] == rec["caption"] and rec["image"].shape == (32, 32, 3) and rec["image"].dtype == np.uint8
-    man = prepare.bank_from_prepared(ds, models["clip_dir"], str(tmp_path / "bank"))
+    man = prepared.bank_from_prepared(ds, models["clip_dir"], str(tmp_path / "bank"))
     assert man["count"] == 6 and man["source"] == ds.spec
     bank = embed.load_bank(str(tmp_path / "bank"))
-    plain = prepare.PreparedDataset(wds_run["out"])
+    plain = prepared.PreparedDataset(wds_run["out"])
     want = np.stack([(plain[r]["text_embedding"] + plain[r]["image_embedding"]) / 2 for r in range(6)])
     np.testing.assert_array_equal(bank.ids, GOOD_IDS)
     np.testing.assert_allclose(bank.embeddings, want, atol=1e-7)
@@ -326,7 +326,7 @@ def test_tfds_source_and_prepare_from_a_local_tfds_dataset(tmp_path, models):
     report = prepare.prepare(f"tfds:cm3_pairs_array_record?data_dir={tmp_path}", str(tmp_path / "out"), **models,
                              max_text_tokens=MAX_TOKENS, records_per_shard=PER_SHARD, progress=False)
     assert (report["written"], report["skipped"], report["shards"]) == (3, {"empty caption": 1}, 2)
-    ds = prepare.PreparedDataset(str(tmp_path / "out"))
+    ds = prepared.PreparedDataset(str(tmp_path / "out"))
     assert ds.ids.tolist() == [0, 2, 3] and ds.by_id(3)["caption"] == ex[3].caption
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from task_data import shapes_task_data  # noqa: E402
 
 from cm3leon_jax.data import cm3, pipeline, retrieval_aug, tasks  # noqa: E402
-from cm3leon_jax.data.prepare import PreparedDataset  # noqa: E402
+from cm3leon_jax.data.prepared import PreparedDataset  # noqa: E402
 from cm3leon_jax.retrieval import strategy  # noqa: E402
 from cm3leon_jax.retrieval.neighbours import NeighbourTable  # noqa: E402
 from cm3leon_jax.vocab import EOS_ID  # noqa: E402

@@ -81,7 +81,7 @@ def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
     import numpy as np
 
     from cm3leon_jax import vocab as vocab_lib
-    from cm3leon_jax.data.prepare import PreparedDataset
+    from cm3leon_jax.data.prepared import PreparedDataset
     from cm3leon_jax.retrieval import embed, strategy
     from cm3leon_jax.sampling.generate import Generator, load_model
 
