@@ -1,8 +1,10 @@
 """Shared helpers: run the real CLI in a subprocess on a small config."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +15,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and slows start-up. Tests, and the CLI processes they start, run on CPU;
 # compiling for a TPU topology needs no TPU backend (train/compile.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# JAX's persistent compilation cache, one per test session (shared by the
+# xdist workers and the CLI processes they start): many tests compile the same
+# small train step again (a resumed run, a rerun after a kill, the same
+# micro-config in another test); with the cache they load it. It starts empty
+# each session, so a suite's time is what a clean clone gets. Programs that
+# compile in under a second (jax's default threshold) are not stored.
+_CACHE_DIR = os.path.join(tempfile.gettempdir(), "cm3leon_test_jax_cache_"
+                          + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid())))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 # A smaller-than-tiny decoder so CLI tests take seconds, on the data-free
 # smoke-test task; everything else is gin/cm3leon_tiny.gin as users run it.
@@ -52,3 +69,27 @@ def read_metrics(model_dir):
 @pytest.fixture
 def repo():
     return REPO
+
+
+def _prefill_then_step(params, cfg, toks, prefill: int, cache_len: int):
+    """Logits of `toks` [B, T] through the decoder's KV cache: `prefill`
+    tokens in one call, then one token per call (positions 0..T-1)."""
+    import jax.numpy as jnp
+
+    from cm3leon_jax.models.decoding import cached_forward, init_cache
+
+    b, t = toks.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    pad = jnp.zeros(b, jnp.int32)
+    cache = init_cache(cfg, b, cache_len)
+    first, cache = cached_forward(params, cfg, toks[:, :prefill], pos[:, :prefill], pad, cache, 0)
+    steps = [first]
+    for i in range(prefill, t):
+        s, cache = cached_forward(params, cfg, toks[:, i:i + 1], pos[:, i:i + 1], pad, cache, i)
+        steps.append(s)
+    return jnp.concatenate(steps, axis=1)
+
+
+@pytest.fixture
+def prefill_then_step():
+    return _prefill_then_step

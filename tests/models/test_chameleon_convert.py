@@ -23,7 +23,7 @@ import pytest
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.models import chameleon_convert
 from cm3leon_jax.models.decoder import Decoder, DecoderConfig
-from cm3leon_jax.models.decoding import cached_forward, init_cache, layer_params
+from cm3leon_jax.models.decoding import init_cache, layer_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -177,7 +177,7 @@ def test_logits_equal_transformers(converted):
     np.testing.assert_allclose(got_u, got, atol=1e-5)
 
 
-def test_cached_decoding_equals_full_forward(converted):
+def test_cached_decoding_equals_full_forward(converted, prefill_then_step):
     """cached_forward (rotary at the absolute positions passed in, GQA cache
     of kv_heads) and greedy sampling match the full forward pass."""
     from cm3leon_jax.sampling import sampler
@@ -188,15 +188,9 @@ def test_cached_decoding_equals_full_forward(converted):
     params = jax.tree.map(jnp.asarray, bundle.params)
     toks = jnp.asarray(np.random.RandomState(2).randint(1, cfg.vocab_size, (2, 12)), jnp.int32)
     full = Decoder(cfg).apply({"params": params}, toks)
-    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     cache = init_cache(cfg, 2, 16)
     assert cache[0]["key"].shape == (2, cfg.kv_heads, 16, cfg.head_dim) and cfg.kv_heads == 2
-    a, cache = cached_forward(params, cfg, toks[:, :7], pos[:, :7], jnp.zeros(2, jnp.int32), cache, 0)
-    steps = [a]
-    for i in range(7, 12):
-        s, cache = cached_forward(params, cfg, toks[:, i:i + 1], pos[:, i:i + 1], jnp.zeros(2, jnp.int32), cache, i)
-        steps.append(s)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prefill_then_step(params, cfg, toks, 7, 16)), np.asarray(full), atol=1e-5)
 
     prompts = [[30, 70, 80, vocab.break_id, 90], [100, 101, vocab.break_id, 65, 66, 67, 68, 69]]
     padded, starts = sampler.left_pad(prompts)

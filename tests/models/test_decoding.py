@@ -40,7 +40,7 @@ def _full_greedy(cfg, params, prompt, n):
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_forward_equals_the_full_pass(scan_layers):
+def test_cached_forward_equals_the_full_pass(scan_layers, prefill_then_step):
     cfg, params = _model(scan_layers)
     toks = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 4, VOCAB.size)
     full = Decoder(cfg).apply({"params": params}, toks)
@@ -49,13 +49,7 @@ def test_cached_forward_equals_the_full_pass(scan_layers):
     got, cache = cached_forward(params, cfg, toks, pos, jnp.zeros(2, jnp.int32), cache, 0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5)
     # prefill 8 then 4 one at a time: the same logits
-    cache = init_cache(cfg, 2, 16)
-    a, cache = cached_forward(params, cfg, toks[:, :8], pos[:, :8], jnp.zeros(2, jnp.int32), cache, 0)
-    steps = [a]
-    for i in range(8, 12):
-        s, cache = cached_forward(params, cfg, toks[:, i:i + 1], pos[:, i:i + 1], jnp.zeros(2, jnp.int32), cache, i)
-        steps.append(s)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(prefill_then_step(params, cfg, toks, 8, 16)), np.asarray(full), atol=1e-5)
 
 
 def test_greedy_with_cache_equals_greedy_by_full_recompute():
