@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from cm3leon_jax import paths as paths_lib
+from cm3leon_jax.id_lookup import IdLookup
 from cm3leon_jax.data import sources as sources_lib
 
 FORMAT_VERSION = 1
@@ -181,14 +182,8 @@ class PreparedDataset:
     def positions(self, doc_ids) -> np.ndarray:
         """Record positions of document ids (-1 where absent)."""
         if self._sorted is None:
-            order = np.argsort(self.ids, kind="stable")
-            self._sorted = (self.ids[order], order)
-        sorted_ids, order = self._sorted
-        q = np.asarray(doc_ids, np.int64)
-        if not len(self):
-            return np.full(q.shape, -1, np.int64)
-        pos = np.clip(np.searchsorted(sorted_ids, q), 0, len(self) - 1)
-        return np.where(sorted_ids[pos] == q, order[pos], -1)
+            self._sorted = IdLookup(self.ids)
+        return self._sorted(doc_ids)
 
     def by_id(self, doc_id: int) -> dict:
         pos = int(self.positions(np.int64(doc_id)))

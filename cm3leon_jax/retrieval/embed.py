@@ -51,6 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cm3leon_jax import paths as paths_lib
+from cm3leon_jax.id_lookup import IdLookup
 
 FORMAT_VERSION = 1
 BANK_FILE = "bank.json"
@@ -580,13 +581,8 @@ class Bank:
     def rows(self, doc_ids) -> np.ndarray:
         """Row numbers of document ids (-1 where the bank lacks the id)."""
         if self._row is None:
-            order = np.argsort(self.ids, kind="stable")
-            self._row = (self.ids[order], order)
-        sorted_ids, order = self._row
-        q = np.asarray(doc_ids, np.int64)
-        pos = np.clip(np.searchsorted(sorted_ids, q), 0, max(len(self) - 1, 0))
-        found = (sorted_ids[pos] == q) if len(self) else np.zeros(q.shape, bool)
-        return np.where(found, order[pos], -1)
+            self._row = IdLookup(self.ids)
+        return self._row(doc_ids)
 
     def caption(self, row: int) -> Optional[str]:
         start, stop = int(self._offsets[row]), int(self._offsets[row + 1])
