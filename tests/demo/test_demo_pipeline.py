@@ -48,13 +48,13 @@ MINI_GIN = """
 include 'gin/demo.gin'
 demo.corpus_docs = 240
 demo.heldout_captions = 4
-demo.vqgan_bindings = ['train_vqgan.train_steps = 12', 'train_vqgan.checkpoint_every = 6',
+demo.vqgan_bindings = ['train_vqgan.train_steps = 4', 'train_vqgan.checkpoint_every = 2',
                        'train_vqgan.eval_images = 8', 'train_vqgan.warmup_steps = 2']
-demo.clip_bindings = ['train_clip.train_steps = 6', 'train_clip.checkpoint_every = 3', 'train_clip.batch_size = 16',
+demo.clip_bindings = ['train_clip.train_steps = 2', 'train_clip.checkpoint_every = 1', 'train_clip.batch_size = 16',
                       'train_clip.train_examples = 256', 'train_clip.eval_pool = 32', 'train_clip.eval_queries = 8',
                       'train_clip.warmup_steps = 2']
 demo.task_data_flags = ['--records_per_shard=100', '--k=8']
-demo.train_bindings = ['TRAIN_STEPS = 60', 'train.checkpoint_every = 5', 'train.log_every = 5',
+demo.train_bindings = ['TRAIN_STEPS = 25', 'train.checkpoint_every = 5', 'train.log_every = 5',
                        'BATCH_SIZE = 2', 'WARMUP_STEPS = 2']
 demo.retrieved = [0, 2]
 demo.cfg_scales = [1.0, 3.0]
@@ -116,7 +116,7 @@ def test_mini_demo_killed_in_training_resumes_and_writes_the_report(tmp_path):
     assert "resumed from step" in second
     resumed = int(second.split("resumed from step")[1].split()[0])
     assert 5 <= resumed <= killed_at
-    assert _checkpoint_steps(str(model_dir))[-1] == 60
+    assert _checkpoint_steps(str(model_dir))[-1] == 25
 
     for name in ("report.md", "grid_settings.png", "grid_rerank.png", "loss_curve.png", "accuracy_vs_cfg.png",
                  "results.json"):

@@ -56,7 +56,8 @@ def test_int8_bytes_and_rounding_bound():
 def test_int8_argmax_agrees_with_bf16_on_a_trained_tiny_model(tmp_path):
     # the smoke-test task (arithmetic progressions), trained until it predicts
     run_cli(["train", *SMALL, "--gin.TRAIN_STEPS=400", "--gin.train.checkpoint_every=400",
-             "--gin.PEAK_LEARNING_RATE=1e-2", "--gin.BATCH_SIZE=16", f"--model_dir={tmp_path}"])
+             "--gin.PEAK_LEARNING_RATE=1e-2", "--gin.BATCH_SIZE=16", "--gin.train.log_every=100",
+             f"--model_dir={tmp_path}"])  # log_every: SMALL's per-step metrics would be most of the time
     restored = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", "400", "state"))
     params = jax.tree.map(jnp.asarray, restored["params"])
     cfg = DecoderConfig(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, d_ff=256, max_length=512,
