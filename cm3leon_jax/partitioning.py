@@ -38,6 +38,7 @@ DEFAULT_LOGICAL_RULES = (
     ("mlp", "model"),
     ("layers", None),
     ("max_length", None),
+    ("image_grid", None),
 )
 
 

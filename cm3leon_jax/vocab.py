@@ -148,3 +148,11 @@ def vocab_size(vocabulary: UnifiedVocabulary | None = None) -> int:
     """Gin helper: `DecoderConfig.vocab_size = @vocab_size()` sizes the model
     from the `UnifiedVocabulary` bindings."""
     return (vocabulary or UnifiedVocabulary()).size
+
+
+@gin.configurable
+def image_id_range(vocabulary: UnifiedVocabulary | None = None) -> tuple:
+    """Gin helper: `DecoderConfig.image_id_range = @image_id_range()` gives the
+    decoder the [start, end) ids of the image codes (2-D image positions)."""
+    v = vocabulary or UnifiedVocabulary()
+    return (v.image_start, v.text_start)

@@ -72,12 +72,14 @@ def _check_document(tokens, vocab: vocab_lib.UnifiedVocabulary) -> np.ndarray:
 
 
 def _check_params(vocab: vocab_lib.UnifiedVocabulary, poisson_lambda: float,
-                  unmasked_rate: float, max_spans: int | None) -> int:
+                  unmasked_rate: float, max_spans: int | None, mask_prompt_rate: float = 0.0) -> int:
     """Validates the objective's parameters; returns the effective span cap."""
     if not (math.isfinite(poisson_lambda) and poisson_lambda >= 0):
         raise ValueError(f"CM3: poisson_lambda must be finite and >= 0; got {poisson_lambda}")
     if not 0.0 <= unmasked_rate <= 1.0:
         raise ValueError(f"CM3: unmasked_rate must lie in [0, 1]; got {unmasked_rate}")
+    if not 0.0 <= mask_prompt_rate <= 1.0:
+        raise ValueError(f"CM3: mask_prompt_rate must lie in [0, 1]; got {mask_prompt_rate}")
     if max_spans is None:
         return vocab.num_mask_tokens
     if not 0 <= max_spans <= vocab.num_mask_tokens:
@@ -213,20 +215,29 @@ def apply_spans(tokens: np.ndarray, spans: Sequence[Span],
 def cm3_transform(tokens: np.ndarray, rng: np.random.Generator, *,
                   vocab: vocab_lib.UnifiedVocabulary = _DEFAULT_VOCAB,
                   poisson_lambda: float = 1.0, unmasked_rate: float = 0.0,
-                  max_spans: int | None = None) -> np.ndarray:
+                  max_spans: int | None = None, mask_prompt_rate: float = 0.0) -> np.ndarray:
     """One CM3 draw for one document; a pure function of (tokens, rng state).
 
     Draws, in this order: `u = rng.random()` (the document is left unchanged if
-    `u < unmasked_rate`; drawn even when the rate is 0), then
-    `n = rng.poisson(poisson_lambda)` clipped to `max_spans` (default and
-    maximum: `vocab.num_mask_tokens`) and to `span_capacity(tokens)`, then the
-    spans by `sample_spans`. With n = 0 the document is unchanged. An unchanged
-    document is returned as a copy (no `<infill>`: plain next-token).
+    `u < unmasked_rate`; drawn even when the rate is 0); only when
+    `mask_prompt_rate` > 0, `v = rng.random()`: if `v < mask_prompt_rate` and
+    the document has two or more segments, its first segment (the caption of
+    a `text <break> image` document) is the one masked span, which is the
+    layout of classifier-free guidance's unconditional stream (`<mask:0>
+    <break> image ...`); otherwise `n = rng.poisson(poisson_lambda)` clipped
+    to `max_spans` (default and maximum: `vocab.num_mask_tokens`) and to
+    `span_capacity(tokens)`, then the spans by `sample_spans`. With n = 0 the
+    document is unchanged. An unchanged document is returned as a copy (no
+    `<infill>`: plain next-token).
     """
     tokens = _check_document(tokens, vocab)
-    cap = _check_params(vocab, poisson_lambda, unmasked_rate, max_spans)
+    cap = _check_params(vocab, poisson_lambda, unmasked_rate, max_spans, mask_prompt_rate)
     if rng.random() < unmasked_rate:
         return tokens.copy()
+    if mask_prompt_rate > 0 and rng.random() < mask_prompt_rate:
+        segs = segments(tokens, vocab)
+        if len(segs) > 1 and segs[0][0] == 0:
+            return apply_spans(tokens, [segs[0]], vocab)
     n = min(int(rng.poisson(poisson_lambda)), cap, span_capacity(tokens, vocab))
     if n == 0:
         return tokens.copy()
@@ -243,6 +254,9 @@ class CM3Objective:
       poisson_lambda: mean of the Poisson span count (CM3: 1).
       unmasked_rate: probability that a document is left as plain next-token.
       max_spans: cap on the span count; None means `vocab.num_mask_tokens`.
+      mask_prompt_rate: probability that a document's whole first segment is
+        the one masked span (the unconditional stream of classifier-free
+        guidance, PAPER.md "Decoding"; see `cm3_transform`).
     """
 
     vocab: vocab_lib.UnifiedVocabulary = dataclasses.field(
@@ -253,13 +267,19 @@ class CM3Objective:
     # zero with probability exp(-lambda)). Set it in gin if wanted.
     unmasked_rate: float = 0.0
     max_spans: int | None = None
+    # The paper says that CFG's unconditional stream is the prompt with its
+    # text replaced by <mask>, but not how often training shows that layout;
+    # random CM3 spans almost never cover a whole caption. 0.0: not added.
+    mask_prompt_rate: float = 0.0
 
     def __post_init__(self):
-        _check_params(self.vocab, self.poisson_lambda, self.unmasked_rate, self.max_spans)
+        _check_params(self.vocab, self.poisson_lambda, self.unmasked_rate, self.max_spans,
+                      self.mask_prompt_rate)
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return cm3_transform(tokens, rng, vocab=self.vocab, poisson_lambda=self.poisson_lambda,
-                             unmasked_rate=self.unmasked_rate, max_spans=self.max_spans)
+                             unmasked_rate=self.unmasked_rate, max_spans=self.max_spans,
+                             mask_prompt_rate=self.mask_prompt_rate)
 
 
 # -- inspection ----------------------------------------------------------------------

@@ -186,6 +186,11 @@ class RetrievalAugmenter:
         self.missing_neighbours = 0
         self.missing_neighbour_ids: Dict[int, int] = {}
 
+    def enable_query_dropout(self, query_embedder: Callable[[np.ndarray, dict], np.ndarray],
+                             candidate_keys: Callable[[Sequence[int]], np.ndarray]) -> None:
+        """Turns on query-dropout re-scoring (both hooks, as in the constructor)."""
+        self.query_embedder, self.candidate_keys = query_embedder, candidate_keys
+
     # -- look-ups ------------------------------------------------------------
     def _query(self, doc_id: int) -> dict:
         try:

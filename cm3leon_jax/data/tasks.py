@@ -143,8 +143,8 @@ class TaskData:
     read once) and the per-split augmenters."""
 
     def __init__(self, task_name: str, prepared_dir: str, index_dir: Optional[str], *,
-                 validation_fraction: float, num_retrieved: int, num_sets: int, image_first_prob: float,
-                 query_dropout: bool, cache_limit: int = 500_000):
+                 validation_fraction: float, num_retrieved: Optional[int], num_sets: Optional[int],
+                 image_first_prob: Optional[float], query_dropout: bool, cache_limit: int = 500_000):
         from cm3leon_jax.data.prepared import PreparedDataset
 
         self.task_name, self.index_dir = task_name, index_dir
@@ -170,8 +170,10 @@ class TaskData:
         self.split_ids = {"train": ids[:n - v], "validation": ids[n - v:]}
         self.validation_ids = frozenset(ids[n - v:].tolist())
         self.vocabulary = self.prepared.vocabulary
-        self.settings = dict(num_retrieved=num_retrieved, num_sets=num_sets, image_first_prob=image_first_prob)
-        self.query_dropout = bool(query_dropout) and index_dir is not None and num_retrieved > 0
+        # None: the value bound in gin for RetrievalAugmenter (its defaults are the paper's)
+        self.settings = {k: v for k, v in dict(num_retrieved=num_retrieved, num_sets=num_sets,
+                                                image_first_prob=image_first_prob).items() if v is not None}
+        self.query_dropout = bool(query_dropout) and index_dir is not None
         self._cache: Dict[int, dict] = {}
         self._cache_limit = int(cache_limit)
         self._lock = threading.Lock()
@@ -201,13 +203,12 @@ class TaskData:
                 kw = dict(self.settings)
                 if self.table is None:
                     kw.update(num_retrieved=0, num_sets=1)
-                if training and self.query_dropout:
+                aug = retrieval_aug.RetrievalAugmenter(self, provider, **kw)  # gin gives the rest
+                if training and self.query_dropout and aug.num_retrieved > 0:
                     from cm3leon_jax.retrieval.query_dropout import ClipQueryEmbedder
 
-                    kw.update(query_embedder=ClipQueryEmbedder.for_prepared(
-                                  self.prepared, batch_size=kw["num_sets"]),
-                              candidate_keys=retrieval_aug.BankKeys(self.index_dir))
-                aug = retrieval_aug.RetrievalAugmenter(self, provider, **kw)
+                    aug.enable_query_dropout(ClipQueryEmbedder.for_prepared(self.prepared, batch_size=aug.num_sets),
+                                             retrieval_aug.BankKeys(self.index_dir))
                 self._augmenters[training] = aug
         return aug
 
@@ -345,7 +346,8 @@ def cm3_objective(ds: tf.data.Dataset, *, data_fn: Callable[[], TaskData]) -> tf
 
 
 def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[PathSpec] = None, *,
-                      num_retrieved: int = 2, num_sets: int = 3, image_first_prob: float = 0.5,
+                      num_retrieved: Optional[int] = None, num_sets: Optional[int] = None,
+                      image_first_prob: Optional[float] = None,
                       query_dropout: bool = True, use_cm3: bool = True, validation_fraction: float = 0.01,
                       shuffle_buffer_size: int = 1000, replace: bool = False) -> seqio.Task:
     """Registers (and returns) the SeqIO task `name` of CM3 sequences over a
@@ -353,8 +355,11 @@ def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[Pat
     `neighbours/`, from `cm3leon embed` + `index build` + `index
     neighbours`) they are retrieval-augmented. Paths may be zero-argument
     callables, resolved when the data is first read. See the module
-    docstring for the pipeline; nothing is opened until then."""
-    if num_retrieved < 0 or num_sets < 1:
+    docstring for the pipeline; nothing is opened until then.
+    `num_retrieved`, `num_sets` and `image_first_prob` left None take the
+    gin bindings of `RetrievalAugmenter` (default: the paper's 2, 3, 0.5),
+    so a gin file can set the built-in tasks' document mix."""
+    if (num_retrieved is not None and num_retrieved < 0) or (num_sets is not None and num_sets < 1):
         raise ValueError(f"task {name!r}: num_retrieved must be >= 0 and num_sets >= 1, got "
                          f"{num_retrieved}, {num_sets}")
     validation_count(2, validation_fraction)  # checks the range
@@ -364,8 +369,10 @@ def register_cm3_task(name: str, prepared_dir: PathSpec, index_dir: Optional[Pat
                              "(pass replace=True to redefine it)")
         seqio.TaskRegistry.remove(name)
     _PATHS[name] = (prepared_dir, index_dir)
-    settings = dict(validation_fraction=float(validation_fraction), num_retrieved=int(num_retrieved),
-                    num_sets=int(num_sets), image_first_prob=float(image_first_prob),
+    settings = dict(validation_fraction=float(validation_fraction),
+                    num_retrieved=None if num_retrieved is None else int(num_retrieved),
+                    num_sets=None if num_sets is None else int(num_sets),
+                    image_first_prob=None if image_first_prob is None else float(image_first_prob),
                     query_dropout=bool(query_dropout))
     data_fn = functools.partial(_task_data, name, prepared_dir, index_dir, **settings)
     preprocessors = [seqio.CacheDatasetPlaceholder(),

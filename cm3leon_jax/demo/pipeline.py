@@ -331,11 +331,19 @@ def _check_samples_dir(out: str) -> None:
 
 
 def stage_evaluate(c: DemoConfig) -> dict:
-    """Per setting: shapes-checker accuracy, CLIP-FID against the held-out
-    real images (all samples, and the top-ranked one per caption), CLIP
-    score. Writes demo_out/samples/NAME/eval.json."""
-    from cm3leon_jax.eval import fid, samples
+    """Per setting: shapes-checker accuracy (with its breakdown by fact and
+    by number of shapes), CLIP-FID against the held-out real images (all
+    samples, and the top-ranked one per caption), CLIP score. Writes
+    demo_out/samples/NAME/eval.json, and the tokenizer's ceiling (the
+    checker on the VQ-GAN reconstructions of the held-out images) to
+    demo_out/samples/tokenizer_ceiling.json."""
+    from cm3leon_jax.eval import fid, samples, shapes_breakdown
 
+    ceiling = shapes_breakdown.tokenizer_ceiling(c.path("vqgan"), c.path("heldout"))
+    with open(c.path("samples", "tokenizer_ceiling.json"), "w") as f:
+        json.dump(ceiling, f, indent=1)
+    print(f"  tokenizer ceiling (VQ-GAN reconstructions of the held-out images): accuracy "
+          f"{ceiling['accuracy']:.3f}", flush=True)
     extractor = fid.ClipFeatures(c.path("clip"))
     real = fid.feature_statistics(fid.directory_features(c.path("heldout"), extractor, progress=False)[0])
     results = {}
@@ -353,7 +361,7 @@ def stage_evaluate(c: DemoConfig) -> dict:
         print(f"  {s.name}: accuracy {r['shapes']['accuracy']:.3f} (best of {s.num_samples}: "
               f"{r['shapes']['top_ranked_accuracy']:.3f}), CLIP-FID {r['clip_fid_top_ranked']:.4f}",
               flush=True)
-    return {"settings": sorted(results)}
+    return {"settings": sorted(results), "tokenizer_ceiling": ceiling["accuracy"]}
 
 
 def stage_report(c: DemoConfig) -> dict:

@@ -285,8 +285,10 @@ def write_report(c) -> dict:
         lines.append("")
         if family == "cfg":
             lines += [f"![checker accuracy vs CFG scale]({files['cfg']})", ""]
+    lines += breakdown_table(c, ab, settings, evals)
     unguided = [n for n in ab["tables"]["cfg"] if settings[n].cfg_scale == 1.0]
-    summary = {"best_setting": best_name, "best_accuracy": best_acc}
+    summary = {"best_setting": best_name, "best_accuracy": best_acc,
+               "tokenizer_ceiling": (_load_json(c.path("samples", "tokenizer_ceiling.json")) or {}).get("accuracy")}
     if unguided:
         u = evals[unguided[0]]["shapes"]["accuracy"]
         summary.update(unguided_top_p=unguided[0], unguided_accuracy=u)
@@ -312,6 +314,41 @@ def write_report(c) -> dict:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"summary": summary, "tables": ab["tables"], "evals": evals}, f, indent=1)
     return {"report": path, "files": sorted(files.values()), **summary}
+
+
+FACT_COLUMNS = ("kind", "color", "size", "position", "relation", "count")
+
+
+def breakdown_table(c, ab, settings, evals) -> List[str]:
+    """Markdown: per kind of fact and per number of shapes, for each
+    setting's sample 0 and each reranked setting's best of N, with the
+    tokenizer's ceiling (VQ-GAN reconstructions of the real images) first."""
+    rows = []
+    ceiling = _load_json(c.path("samples", "tokenizer_ceiling.json"))
+    if ceiling:
+        rows.append(("**tokenizer ceiling** (reconstructions of the real images)", ceiling))
+    for name in dict.fromkeys(n for names in ab["tables"].values() for n in names):
+        sh = evals[name]["shapes"]
+        if "first_sample" not in sh:  # an eval.json from before the breakdown
+            continue
+        rows.append((f"{_label(settings[name])}: 1 sample", sh["first_sample"]))
+        if settings[name].num_samples > 1:
+            rows.append((f"{_label(settings[name])}: best of {settings[name].num_samples}", sh["top_ranked"]))
+    if not rows:
+        return []
+    counts = sorted({k for _, r in rows for k in r["by_shapes"]}, key=int)
+    lines = ["### What the checker finds, by fact and by number of shapes", "",
+             "Share of stated facts that hold (kind, colour, size and position per stated shape; relation per "
+             "stated relation; count per image), and whole-caption accuracy by the number of shapes the caption "
+             "names.", "",
+             "| setting | accuracy | " + " | ".join(FACT_COLUMNS) + " | "
+             + " | ".join(f"{k} shape{'s' if k != '1' else ''}" for k in counts) + " |",
+             "|---|" + "---:|" * (1 + len(FACT_COLUMNS) + len(counts))]
+    for label, r in rows:
+        facts = " | ".join(_fmt(r["facts"].get(f, float("nan"))) for f in FACT_COLUMNS)
+        by = " | ".join(_fmt(r["by_shapes"].get(k, {}).get("accuracy", float("nan"))) for k in counts)
+        lines.append(f"| {label} | {_fmt(r['accuracy'])} | {facts} | {by} |")
+    return lines + [""]
 
 
 def _label(s) -> str:

@@ -65,8 +65,11 @@ def add_eval(sub) -> None:
         description="Reads each image of a `cm3leon generate --out` dir back into shapes, colours, "
                     "sizes, positions and relations with the analytic checker and scores it against "
                     "its prompt: accuracy (every stated fact holds), the mean share of facts that "
-                    "hold, the top-ranked sample's accuracy (best of N by CLIP) and a breakdown by "
-                    "decoding. Prompts that are not shapes captions are counted and skipped.",
+                    "hold, the top-ranked sample's accuracy (best of N by CLIP), a breakdown by "
+                    "decoding, and per kind of fact (kind, color, size, position, relation, count) and "
+                    "per number of shapes (1, 2, 3): over all samples (\"facts\", \"by_shapes\"), "
+                    "sample 0 (\"first_sample\") and the top-ranked ones (\"top_ranked\"). Prompts "
+                    "that are not shapes captions are counted and skipped.",
         epilog="Example: cm3leon eval shapes --samples=/tmp/samples")
     s.add_argument("--samples", required=True, help="a `cm3leon generate --out` dir (or its samples.json)")
     s.add_argument("--out", default=None, help="also write the result to this JSON file")

@@ -4,8 +4,10 @@
   every sample against its prompt: the share of samples whose every stated
   fact holds ("accuracy"), the mean share of facts that hold, the same for
   the top-ranked sample of each prompt (CLIP rerank: best of N), the same
-  for sample 0 alone (what one sample per prompt gives), and a
-  breakdown by decoding (`mixed` writes half top-p, half CD-K).
+  for sample 0 alone (what one sample per prompt gives), a breakdown by
+  decoding (`mixed` writes half top-p, half CD-K), and per kind of fact
+  and per number of shapes (eval/shapes_breakdown.py) over all samples,
+  the top-ranked ones and sample 0.
 - `clip_score`: the mean cosine similarity between the CLIP embeddings of
   each sample and its prompt (both L2-normalised), over all samples and over
   the top-ranked ones.
@@ -70,13 +72,10 @@ def _summary(values: List[float]) -> float:
 
 def shapes_accuracy(out_dir: str) -> dict:
     from cm3leon_jax.demo import shapes
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.eval import shapes_breakdown, shapes_check
 
     rows = read_samples(out_dir)
-    correct: List[float] = []
-    fraction: List[float] = []
-    top_correct: List[float] = []
-    first_correct: List[float] = []
+    every, top, first = (shapes_breakdown.Breakdown() for _ in range(3))
     by_decoding: Dict[str, List[float]] = {}
     skipped = 0
     for r in rows:
@@ -86,21 +85,22 @@ def shapes_accuracy(out_dir: str) -> dict:
             skipped += 1
             continue
         result = shapes_check.score(load_image(r["file"]), facts)
-        ok = float(result["all_correct"])
-        correct.append(ok)
-        fraction.append(float(result["fraction_correct"]))
+        every.add(result)
         if r["rank"] == 0:
-            top_correct.append(ok)
+            top.add(result)
         if r["sample"] == 0:
-            first_correct.append(ok)
-        by_decoding.setdefault(r["decoding"] or "unknown", []).append(ok)
-    if not correct:
+            first.add(result)
+        by_decoding.setdefault(r["decoding"] or "unknown", []).append(float(result["all_correct"]))
+    if not len(every):
         raise ValueError(f"no sample in {out_dir!r} has a shapes caption as its prompt ({skipped} skipped)")
-    return {"accuracy": _summary(correct), "fraction_of_facts": _summary(fraction),
-            "top_ranked_accuracy": _summary(top_correct), "first_sample_accuracy": _summary(first_correct),
-            "num_samples": len(correct),
-            "num_prompts": len(top_correct), "skipped_non_shapes_prompts": skipped,
-            "accuracy_by_decoding": {k: _summary(v) for k, v in sorted(by_decoding.items())}}
+    summary = every.summary()
+    return {"accuracy": summary["accuracy"], "fraction_of_facts": summary["fraction_of_facts"],
+            "top_ranked_accuracy": top.summary()["accuracy"], "first_sample_accuracy": first.summary()["accuracy"],
+            "num_samples": len(every),
+            "num_prompts": len(top), "skipped_non_shapes_prompts": skipped,
+            "accuracy_by_decoding": {k: _summary(v) for k, v in sorted(by_decoding.items())},
+            "facts": summary["facts"], "by_shapes": summary["by_shapes"],
+            "top_ranked": top.summary(), "first_sample": first.summary()}
 
 
 def clip_score(out_dir: str, clip_dir: str, batch_size: int = 64, encoder=None) -> dict:

@@ -25,6 +25,18 @@ all in `DecoderConfig`, whose defaults are the CM3Leon architecture above:
                         is SwiGLU;
   num_kv_heads=N        grouped-query attention: N key/value heads shared by
                         num_heads / N query heads each (None: num_heads).
+
+An option for small models that must learn images fast (off by default, so
+the paper's architecture is unchanged):
+  image_positions="rows_cols"  learned row and column embeddings (DALL-E's
+                        2-D positions) added to every image-code token: the
+                        i-th code of a run of image codes sits at row
+                        (i mod g^2) // g and column i mod g of a g x g grid
+                        (g = image_grid). A run restarts at every non-image
+                        token, so the embedding says which cell a code is in
+                        wherever the image sits in the sequence (after a
+                        caption of any length, after retrieved documents).
+                        The 1-D positions stay as they are.
 """
 from __future__ import annotations
 
@@ -90,6 +102,10 @@ class DecoderConfig:
     qk_norm_epsilon: float = 1e-5
     mlp_type: str = "dense"          # "dense": wo(act(x wi)) | "gated": wo(act(x wi_gate) * x wi)
     num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads
+    # -- 2-D positions of image codes (off: the paper's decoder) ---------------
+    image_positions: str = "none"    # "none" | "rows_cols" (see the module docstring)
+    image_grid: int = 0              # codes per image side (32 for 256x256 at f=8)
+    image_id_range: tuple = (0, 0)   # [start, end) of the image-code ids (`image_id_range()` in gin)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -103,12 +119,19 @@ class DecoderConfig:
         if self.activation not in ("relu", "gelu", "silu"):
             raise ValueError(f"DecoderConfig.activation={self.activation!r}; use relu, gelu or silu")
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("positions", ("learned", "rotary")),
-                              ("mlp_type", ("dense", "gated"))):
+                              ("mlp_type", ("dense", "gated")), ("image_positions", ("none", "rows_cols"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecoderConfig.{name}={getattr(self, name)!r}; use one of {allowed}")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
             raise ValueError(f"DecoderConfig: num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
+        if self.image_positions != "none":
+            lo, hi = tuple(self.image_id_range)
+            if self.image_grid < 1 or not 0 <= lo < hi <= self.vocab_size:
+                raise ValueError(
+                    f"DecoderConfig.image_positions={self.image_positions!r} needs image_grid >= 1 (got "
+                    f"{self.image_grid}) and image_id_range within the vocabulary (got {self.image_id_range}, "
+                    f"vocab_size {self.vocab_size}): bind image_id_range = @image_id_range()")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"DecoderConfig: rotary positions need an even head_dim, got {self.head_dim}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
@@ -136,6 +159,7 @@ class DecoderConfig:
             (2 * (d + kv) if self.qk_norm else 0)
         norm = L * norm_per_layer + (d if self.norm == "rmsnorm" else 0)
         position = self.max_length * d if self.positions == "learned" else 0
+        position += 2 * self.image_grid * d if self.image_positions == "rows_cols" else 0
         return {
             "non_embedding": L * per_layer + norm,
             "layer_matmul": L * per_layer,
@@ -220,6 +244,24 @@ def apply_rotary(x, rope):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def image_cells(tokens, cfg: "DecoderConfig"):
+    """(is_image [B, T] bool, cell [B, T] int32) for `image_positions`: the
+    i-th token of each run of consecutive image codes (i from 0) is in cell
+    i mod image_grid^2; cell is 0 where the token is not an image code."""
+    lo, hi = tuple(cfg.image_id_range)
+    is_image = (tokens >= lo) & (tokens < hi)
+    t = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    last_other = jax.lax.cummax(jnp.where(is_image, -1, t[None, :]), axis=1)
+    run = t[None, :] - last_other - 1
+    return is_image, jnp.where(is_image, run % (cfg.image_grid * cfg.image_grid), 0)
+
+
+def image_cell_embedding(row_table, col_table, is_image, cell, grid: int):
+    """row_table[cell // grid] + col_table[cell % grid] where `is_image`, else 0."""
+    emb = jnp.take(row_table, cell // grid, axis=0) + jnp.take(col_table, cell % grid, axis=0)
+    return jnp.where(is_image[..., None], emb, 0)
 
 
 def attention_mask(segment_ids: Optional[jax.Array], batch: int, length: int) -> jax.Array:
@@ -474,6 +516,13 @@ class Decoder(nn.Module):
         else:  # rotary: no table; q and k are rotated in every layer
             x = jnp.take(tok_table, decoder_input_tokens, axis=0).astype(dtype)
             rope = rotary_tables(decoder_positions, cfg.head_dim, cfg.rope_theta, dtype)
+        if cfg.image_positions == "rows_cols":
+            init = nn.initializers.normal(cfg.position_init_std)
+            rows, cols = (self.param(name, nn.with_logical_partitioning(init, ("image_grid", "embed")),
+                                     (cfg.image_grid, cfg.d_model), as_dtype(cfg.param_dtype))
+                          for name in ("image_row_embedding", "image_col_embedding"))
+            is_image, cell = image_cells(decoder_input_tokens, cfg)
+            x = x + image_cell_embedding(rows, cols, is_image, cell, cfg.image_grid).astype(dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = attention_mask(decoder_segment_ids, b, t)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.models.decoder import (DecoderConfig, apply_norm, apply_rotary, as_dtype, head_norm,
-                                        rotary_tables)
+                                        image_cell_embedding, image_cells, rotary_tables)
 
 
 DECODE_BUCKET = 128  # the sampler grows the KV cache in whole buckets of slots
@@ -66,7 +66,8 @@ def layer_params(params: dict, cfg: DecoderConfig) -> list:
     return [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(cfg.num_layers)]
 
 
-def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: tuple, index, layers=None):
+def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, cache: tuple, index, layers=None,
+                   cells=None):
     """Logits [B, T, V] of `tokens` [B, T] placed at cache slots
     [index, index + T), and the updated cache.
 
@@ -82,6 +83,10 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         reads about what has been written, not the whole final cache.
       index: scalar slot of tokens[:, 0]; index + T <= S.
       layers: `layer_params(params, cfg)` if the caller has it already.
+      cells: with `cfg.image_positions`, (is_image, cell) [B, T] of the
+        tokens (`decoder.image_cells` of the whole sequence); None computes
+        them from `tokens` alone, right when `tokens` starts the sequence
+        (the prefill) or with a non-image token.
 
     The layers are unrolled (a Python loop): each layer's cache entry is its
     own buffer, updated in place. `params` may be the float tree or its
@@ -99,6 +104,11 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
     else:
         x = q_lib.take_rows(params["token_embedding"], tokens).astype(dtype)
         rope = rotary_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
+    if cfg.image_positions == "rows_cols":
+        is_image, cell = image_cells(tokens, cfg) if cells is None else cells
+        x = x + image_cell_embedding(jnp.asarray(params["image_row_embedding"]),
+                                     jnp.asarray(params["image_col_embedding"]), is_image, cell,
+                                     cfg.image_grid).astype(dtype)
     slots = index + jnp.arange(t)
     keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])

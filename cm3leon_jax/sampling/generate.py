@@ -54,17 +54,30 @@ class ModelBundle:
     sft: bool = False        # fine-tuned on SFT tasks: prompts in the sft/format.py layout
 
 
-def _latest_params(model_dir: str):
+def checkpoint_steps(model_dir: str) -> List[int]:
+    """The steps of a model dir's saved checkpoints, oldest first."""
+    from cm3leon_jax.train import checkpoints as ckpt_lib
+
+    directory = ckpt_lib.checkpoint_dir(model_dir)
+    return sorted(int(p) for p in paths_lib.listdir(directory) if p.isdigit()) \
+        if paths_lib.isdir(directory) else []
+
+
+def _latest_params(model_dir: str, step: Optional[int] = None):
+    """(step, params) of the latest readable checkpoint, or of `step`."""
     import orbax.checkpoint as ocp
 
     from cm3leon_jax.train import checkpoints as ckpt_lib
 
     directory = ckpt_lib.checkpoint_dir(model_dir)
-    steps = sorted((int(p) for p in paths_lib.listdir(directory) if p.isdigit()), reverse=True) \
-        if paths_lib.isdir(directory) else []
+    steps = checkpoint_steps(model_dir)[::-1]
     if not steps:
         raise ValueError(f"model dir {model_dir!r} has no checkpoint under {directory!r}: train it first "
                          "(`cm3leon train --model_dir=...`)")
+    if step is not None:
+        if step not in steps:
+            raise ValueError(f"model dir {model_dir!r} has no checkpoint of step {step} (it has {sorted(steps)})")
+        steps = [step]
     errors = []
     for step in steps:
         try:
@@ -76,9 +89,11 @@ def _latest_params(model_dir: str):
 
 
 def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: Optional[str] = None,
-               clip_dir: Optional[str] = None, data_dir: Optional[str] = None) -> ModelBundle:
+               clip_dir: Optional[str] = None, data_dir: Optional[str] = None,
+               step: Optional[int] = None) -> ModelBundle:
     """Everything generation needs from a trained model dir (see the module
-    docstring); ValueError naming what is missing and the flag that gives it."""
+    docstring), with the latest checkpoint's parameters or those of `step`;
+    ValueError naming what is missing and the flag that gives it."""
     import gin
 
     from cm3leon_jax import gin_utils
@@ -93,7 +108,7 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
     gin_utils.parse([config], [], extra_modules=TRAIN_DATA_MODULES, check_required=False)
     cfg = DecoderConfig()
     vocab = vocab_lib.UnifiedVocabulary()
-    step, params = _latest_params(model_dir)
+    step, params = _latest_params(model_dir, step)
     prepared_dir = bank_dir = None
     if data_dir:
         prepared_dir = os.path.join(data_dir, tasks_lib.PREPARED_SUBDIR)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import DecoderConfig
+from cm3leon_jax.models.decoder import DecoderConfig, image_cells
 from cm3leon_jax.models.decoding import (CACHE_AXES, DECODE_BUCKET, cache_length, cached_forward, grow_cache,
                                          init_cache, layer_params)
 from cm3leon_jax.sampling import guidance
@@ -216,6 +216,13 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     logits, cache = cached_forward(params, cfg, toks, positions, st, cache, 0, layers=layers)
     cache = constrain(cache)
     last = logits[:, -1].astype(jnp.float32)
+    # image codes at the end of the prompt (2-D image positions): the first
+    # generated token continues their run
+    if cfg.image_positions != "none":
+        is_image, cell = image_cells(toks, cfg)
+        run = jnp.where(is_image[:, -1], cell[:, -1] + 1, 0).astype(jnp.int32)
+    else:
+        run = jnp.zeros((rows,), jnp.int32)
     gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
     cd_rows = (jnp.arange(b) % 2) == 1 if cd_rows is None else jnp.asarray(cd_rows, bool)
     image_steps = constraint.image_tokens if constraint.mode == "image" else max_new_tokens + 1
@@ -237,11 +244,11 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         stop = min(max_new_tokens, attend - p)
 
         def cond_fn(state):
-            i, _, _, _, _, done = state
+            i, _, _, _, _, done, _ = state
             return (i < stop) & ~jnp.all(done)
 
         def body(state):
-            i, cache, last, rng, out, done = state
+            i, cache, last, rng, out, done, run = state
             if rng.ndim == 2:  # per-row keys: each row's draws depend on its own key only
                 pair = jax.vmap(jax.random.split)(rng)
                 rng, step_rng = pair[:, 0], pair[:, 1]
@@ -256,14 +263,19 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
             done = done | (tok == vocab.eos_id)
             feed = jnp.concatenate([tok] * len(streams))
             pos = (p - st + i)[:, None]
-            new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, layers=layers)
+            lo, hi = cfg.image_id_range
+            fed_image = (feed >= lo) & (feed < hi)
+            cells = (fed_image[:, None], jnp.where(fed_image, run % max(cfg.image_grid ** 2, 1), 0)[:, None])
+            run = jnp.where(fed_image, run + 1, 0)
+            new_logits, cache = cached_forward(params, cfg, feed[:, None], pos, st, cache, p + i, layers=layers,
+                                               cells=cells)
             cache = constrain(cache)
-            return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done
+            return i + 1, cache, new_logits[:, -1].astype(jnp.float32), rng, out, done, run
 
         return lambda state: jax.lax.while_loop(cond_fn, body, state)
 
     out = jnp.full((b, max_new_tokens), vocab.pad_id, jnp.int32)
-    state = (jnp.int32(0), cache, last, rng, out, jnp.zeros((b,), bool))
+    state = (jnp.int32(0), cache, last, rng, out, jnp.zeros((b,), bool), run)
     attend = cache_length(p + 1)
     while True:
         state = make_loop(attend)(state)

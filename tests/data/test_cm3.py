@@ -297,6 +297,29 @@ def test_unmasked_rate_fraction():
     assert abs(np.mean(unchanged) - (0.3 + 0.7 * math.exp(-1))) < 0.03
 
 
+def test_mask_prompt_masks_the_whole_first_segment_by_hand():
+    d = doc(T + 1, T + 2, BR, I + 5, I + 6, I + 7)
+    rng = np.random.default_rng(0)
+    out = cm3.cm3_transform(d, rng, poisson_lambda=0.0, mask_prompt_rate=1.0)
+    # CFG's unconditional layout, the caption moved behind <infill>
+    assert out.tolist() == [M[0], BR, I + 5, I + 6, I + 7, INF, M[0], T + 1, T + 2]
+    assert cm3.cm3_inverse(out).tolist() == d.tolist()
+    # a one-segment document has no prompt to mask: the Poisson draw decides (lambda 0: unchanged)
+    assert cm3.cm3_transform(doc(T + 1, T + 2), rng, poisson_lambda=0.0, mask_prompt_rate=1.0).tolist() == [
+        T + 1, T + 2]
+
+
+def test_mask_prompt_rate_fraction_and_zero_keeps_the_draws():
+    d = doc(T + 1, T + 2, T + 3, BR, *[I + i for i in range(10)])
+    rng = np.random.default_rng(3)
+    outs = [cm3.cm3_transform(d, rng, poisson_lambda=0.0, mask_prompt_rate=0.25) for _ in range(4000)]
+    assert abs(np.mean([o[0] == M[0] and o[1] == BR for o in outs]) - 0.25) < 0.03
+    # rate 0 draws nothing more: the same stream as before the option existed
+    a = [cm3.cm3_transform(d, np.random.default_rng(s)).tolist() for s in range(20)]
+    b = [cm3.cm3_transform(d, np.random.default_rng(s), mask_prompt_rate=0.0).tolist() for s in range(20)]
+    assert a == b
+
+
 def test_unmasked_rate_one_never_masks():
     rng = np.random.default_rng(3)
     for _ in range(300):

@@ -180,6 +180,40 @@ def test_cm3_masks_documents_in_the_task(data_dir):
     assert masked > 60  # Poisson(1) spans: about 63% of documents are masked
 
 
+def test_gin_sets_the_built_in_tasks_document_mix(data_dir):
+    """RetrievalAugmenter's gin bindings reach tasks registered without
+    explicit settings, as the built-in ones are (they used to pass the
+    paper's values explicitly, which silently overrode any binding), and
+    CM3Objective.mask_prompt_rate gives CFG's unconditional layout."""
+    import gin
+
+    from cm3leon_jax.vocab import BREAK_ID, UnifiedVocabulary
+
+    v = UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, image_codebook_size=512, text_vocab_size=1472)
+    name = "test_gin_mix"
+    tasks.register_cm3_task(name, os.path.join(data_dir, "prepared"), os.path.join(data_dir, "bank"),
+                            query_dropout=False, replace=True)
+    with gin.unlock_config():
+        gin.bind_parameter("RetrievalAugmenter.image_first_prob", 0.0)
+        gin.bind_parameter("RetrievalAugmenter.num_sets", 2)
+        gin.bind_parameter("CM3Objective.poisson_lambda", 0.0)
+        gin.bind_parameter("CM3Objective.mask_prompt_rate", 0.5)
+    try:
+        exs = _examples(name, 40, length=4096)
+    finally:
+        gin.clear_config()
+        tasks._DATA.clear()
+        seqio.TaskRegistry.remove(name)
+    docs = [p for e in exs for p in np.split(e["targets"], np.flatnonzero(e["targets"] == EOS_ID) + 1) if p.size]
+    unconditional = [d for d in docs if d[0] == v.mask_id(0) and d[1] == BREAK_ID]
+    plain = [d for d in docs if not cm3.is_masked(d)]
+    # every document is text first: its first token is text (plain) or the whole caption masked
+    assert all(v.is_text(d[0]) for d in plain) and len(plain) + len(unconditional) == len(docs)
+    assert 0.3 < len(unconditional) / len(docs) < 0.7
+    # two retrieval sets per pair: each query id appears in pairs
+    assert set(collections.Counter(int(e["query_id"]) for e in exs[:40]).values()) <= {1, 2}
+
+
 def test_unknown_task_lists_the_registered_ones():
     with pytest.raises(ValueError, match="nope") as e:
         pipeline.check_task_name("nope")

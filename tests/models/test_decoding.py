@@ -17,9 +17,9 @@ VOCAB = vocab_lib.UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, i
                                     text_vocab_size=128)
 
 
-def _model(scan_layers=True, seed=0):
+def _model(scan_layers=True, seed=0, **overrides):
     cfg = DecoderConfig(vocab_size=VOCAB.size, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=64,
-                        dtype="float32", param_dtype="float32", scan_layers=scan_layers)
+                        dtype="float32", param_dtype="float32", scan_layers=scan_layers, **overrides)
     params = Decoder(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     params = jax.tree.map(lambda a: a, __import__("flax").linen.meta.unbox(params))
     # the output projection is zero-initialised: give it weights so logits differ
@@ -66,6 +66,48 @@ def test_greedy_with_cache_equals_greedy_by_full_recompute():
         assert got[:n] == want[:n]
         if n < 10:  # stopped at <eos>: padding after it
             assert got[n - 1] == VOCAB.eos_id and all(t == VOCAB.pad_id for t in got[n:])
+
+
+ROWS_COLS = dict(image_positions="rows_cols", image_grid=3, image_id_range=(VOCAB.image_start, VOCAB.text_start),
+                 position_init_std=0.5)  # big enough that a wrong cell changes the greedy picks
+
+
+def test_image_cells_count_each_run_of_codes_from_zero_by_hand():
+    from cm3leon_jax.models.decoder import image_cells
+
+    cfg, _ = _model(**ROWS_COLS)
+    i, t = VOCAB.image_start, VOCAB.text_start  # an image code, a text id
+    toks = jnp.asarray([[0, t, 2, i, i, i, i, 1, i, i, t, i] + [i] * 9])
+    is_image, cell = image_cells(toks, cfg)
+    assert np.asarray(is_image[0]).astype(int).tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0] + [1] * 10
+    # runs restart at every non-image token; a run longer than 3 x 3 wraps to cell 0
+    assert np.asarray(cell[0]).tolist() == [0, 0, 0, 0, 1, 2, 3, 0, 0, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0]
+
+
+def test_rows_cols_positions_cached_greedy_equals_full_recompute():
+    cfg, params = _model(**ROWS_COLS)
+    im = VOCAB.image_start
+    # the second prompt ends inside an image: its first generated code continues that run
+    prompts = [[VOCAB.text_start + 5, VOCAB.text_start + 9, 2], [VOCAB.text_start + 1, 2, im + 3, im + 7]]
+    padded, starts = sampler.left_pad(prompts)
+    out, _ = sampler.generate(params, jnp.asarray(padded), jnp.asarray(starts), jax.random.PRNGKey(0),
+                              cfg=cfg, max_new_tokens=12, settings=sampler.SamplingSettings("greedy"),
+                              constraint=sampler.Constraint("image", image_tokens=11), vocab=VOCAB)
+    for row, prompt in enumerate(prompts):
+        # the full pass with the image constraint: argmax over image codes, then <eos>
+        seq, model = [0] + list(prompt), Decoder(cfg)
+        for k in range(12):
+            logits = np.asarray(model.apply({"params": params}, jnp.asarray([seq], jnp.int32))[0, -1])
+            seq.append(int(np.argmax(logits[im:VOCAB.text_start]) + im) if k < 11 else VOCAB.eos_id)
+        assert np.asarray(out[row]).tolist() == seq[len(prompt) + 1:]
+    # and the embedding matters: without it the picks differ
+    plain = dict(params)
+    plain.pop("image_row_embedding"), plain.pop("image_col_embedding")
+    cfg0 = DecoderConfig(**{**cfg.__dict__, "image_positions": "none"})
+    out0, _ = sampler.generate(plain, jnp.asarray(padded), jnp.asarray(starts), jax.random.PRNGKey(0),
+                               cfg=cfg0, max_new_tokens=12, settings=sampler.SamplingSettings("greedy"),
+                               constraint=sampler.Constraint("image", image_tokens=11), vocab=VOCAB)
+    assert np.asarray(out0).tolist() != np.asarray(out).tolist()
 
 
 def test_cfg_scale_one_is_the_conditional_stream():
