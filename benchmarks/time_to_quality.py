@@ -14,7 +14,11 @@ checker scores them:
 - per-fact accuracy (kind, colour, size, position, relation, count) and
   accuracy by number of shapes (eval/shapes_breakdown.py);
 - the tokenizer's ceiling: the same scores for the VQ-GAN reconstructions
-  of the real held-out images (the best any decoder can do with these codes).
+  of the real held-out images (the best any decoder can do with these codes);
+- with real images (a captions.jsonl): the teacher-forced fit of their codes
+  in the `caption <break> image` layout (image-code NLL and argmax accuracy)
+  and how many of sample 0's images are exactly the real image's codes
+  (memorisation runs prompt with training captions).
 
 Writes OUT/curve.json and OUT/curve.png and prints one JSON line last: the
 curve and the training minutes to reach whole-caption accuracy 0.5 (single
@@ -162,6 +166,7 @@ def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_path
     import numpy as np
 
     from cm3leon_jax.eval import shapes_breakdown
+    from cm3leon_jax.eval.samples import load_image
     from cm3leon_jax.sampling import generate as gen_lib
     from cm3leon_jax.sampling import rerank
     from cm3leon_jax.sampling.sampler import SamplingSettings
@@ -180,6 +185,11 @@ def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_path
            "sample_seconds": round(time.time() - t, 1)}
     if image_paths:
         row["teacher_forced"] = teacher_forced(g, captions, image_paths)
+        # memorisation: sample 0's codes against the real image's codes
+        true = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
+        drawn = np.stack([codes[0] for _, codes, _ in results]).reshape(true.shape)
+        row["redrawn"] = {"images_exact": float((drawn == true).all(axis=1).mean()),
+                          "codes_equal": float((drawn == true).mean())}
     if best_of > 1:
         best = []
         for cap, (imgs, _, _) in zip(captions, results):
@@ -280,7 +290,8 @@ def main(argv=None):
         line += " | by shapes " + " ".join(f"{k}:{v['accuracy']:.2f}" for k, v in s["by_shapes"].items())
         if "teacher_forced" in row:
             line += (f" | teacher-forced codes: nll {row['teacher_forced']['image_nll']:.3f}, "
-                     f"argmax {row['teacher_forced']['code_accuracy']:.3f}")
+                     f"argmax {row['teacher_forced']['code_accuracy']:.3f} | redrawn exactly "
+                     f"{row['redrawn']['images_exact']:.3f} (codes {row['redrawn']['codes_equal']:.3f})")
         common.say(line)
     result = {"benchmark": "time_to_quality", "out": os.path.abspath(args.out), "steps": args.steps,
               "gin": args.gin, "train_gin": args.train_gin, "prompts": args.prompts,

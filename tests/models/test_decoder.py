@@ -296,6 +296,23 @@ def test_param_counts_match_initialised_model(scan_layers):
         counts["token_embedding"] + counts["position_embedding"] + counts["output_projection"])
 
 
+def test_param_counts_with_row_and_column_image_positions():
+    cfg = _config(True, num_layers=2, image_positions="rows_cols", image_grid=4, image_id_range=(64, 128))
+    params = _param_shapes(cfg)
+    assert params["image_row_embedding"].shape == params["image_col_embedding"].shape == (4, cfg.d_model)
+    real = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    counts = cfg.param_counts()
+    assert counts["total"] == real
+    assert counts["position_embedding"] == np.prod(params["position_embedding"].shape) + 8 * cfg.d_model
+
+
+def test_image_positions_need_a_grid_and_the_image_ids():
+    with pytest.raises(ValueError, match="image_id_range"):
+        _config(True, image_positions="rows_cols", image_grid=4)
+    with pytest.raises(ValueError, match="image_positions"):
+        _config(True, image_positions="2d")
+
+
 def test_param_count_of_a_really_initialised_model():
     _, params = _init(_config(True))
     real = sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -38,9 +38,9 @@ def test_tiny_config_redraws_its_training_captions(tmp_path):
 
     data = shapes_task_data(NUM_DOCS)
     model = tmp_path / "model"
-    run_cli(["train", "--gin_file=gin/cm3leon_tiny.gin", f"--model_dir={model}", "--gin.TRAIN_STEPS=300",
+    run_cli(["train", "--gin_file=gin/cm3leon_tiny.gin", f"--model_dir={model}", "--gin.TRAIN_STEPS=450",
              "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS={'targets': 256}", "--gin.DecoderConfig.image_grid=4",
-             "--gin.train.checkpoint_every=300", "--gin.train.log_every=50",
+             "--gin.train.checkpoint_every=450", "--gin.train.log_every=50",
              "--gin.train.peak_flops_per_device=1e11"], env={SHAPES_DATA_ENV: data}, timeout=900)
     ds = PreparedDataset(os.path.join(data, "prepared"))
     records = [ds.by_id(i) for i in ds.ids[:NUM_DOCS - 1]]  # the last document is the validation split
