@@ -100,7 +100,7 @@ def test_packed_features_have_correct_segments_and_positions(data_dir):
 def test_validation_examples_hold_the_strategys_neighbours(data_dir, prepared, table):
     exs = _examples(tasks.SHAPES_RETRIEVAL_TASK, 10, split="validation", shuffle=False, length=4096)
     val_ids = tasks._task_data(tasks.SHAPES_RETRIEVAL_TASK, tasks._shapes_prepared, tasks._shapes_bank,
-                               validation_fraction=0.01, num_retrieved=2, num_sets=3, image_first_prob=0.5,
+                               validation_fraction=0.01, num_retrieved=None, num_sets=None, image_first_prob=None,
                                query_dropout=True).split_ids["validation"]
     assert [int(e["query_id"]) for e in exs] == val_ids.tolist()  # one sequence per validation pair
     for ex in exs:
@@ -118,7 +118,7 @@ def test_validation_examples_hold_the_strategys_neighbours(data_dir, prepared, t
 def test_training_gives_three_sampled_sets_per_pair_without_validation_docs(data_dir, prepared):
     exs = _examples(tasks.SHAPES_RETRIEVAL_TASK, 60, shuffle=False, length=4096)
     data = tasks._task_data(tasks.SHAPES_RETRIEVAL_TASK, tasks._shapes_prepared, tasks._shapes_bank,
-                            validation_fraction=0.01, num_retrieved=2, num_sets=3, image_first_prob=0.5,
+                            validation_fraction=0.01, num_retrieved=None, num_sets=None, image_first_prob=None,
                             query_dropout=True)
     train_ids = data.split_ids["train"].tolist()
     qs = [int(e["query_id"]) for e in exs]
@@ -145,7 +145,7 @@ def test_same_seed_same_stream_other_seed_another(data_dir):
 
 def test_host_shards_are_disjoint_and_cover_the_split(data_dir):
     data = tasks._task_data(tasks.SHAPES_TASK, tasks._shapes_prepared, None, validation_fraction=0.01,
-                            num_retrieved=2, num_sets=3, image_first_prob=0.5, query_dropout=True)
+                            num_retrieved=None, num_sets=None, image_first_prob=None, query_dropout=True)
     train = set(data.split_ids["train"].tolist())
     seen = []
     for i in range(3):
@@ -273,7 +273,7 @@ def test_query_dropout_embedder_against_the_bank(data_dir, prepared):
 
 def test_training_sequences_use_query_dropout(data_dir):
     data = tasks._task_data(tasks.SHAPES_RETRIEVAL_TASK, tasks._shapes_prepared, tasks._shapes_bank,
-                            validation_fraction=0.01, num_retrieved=2, num_sets=3, image_first_prob=0.5,
+                            validation_fraction=0.01, num_retrieved=None, num_sets=None, image_first_prob=None,
                             query_dropout=True)
     before = data.augmenter(True).query_embedder.calls
     _examples(tasks.SHAPES_RETRIEVAL_TASK, 30, shuffle=False)
