@@ -21,7 +21,7 @@ venv: $(STAMP)
 # Two pytest-xdist workers, each taking whole files (--dist loadfile keeps a
 # file's module fixtures in one process): most tests spend their time in
 # single-threaded Python (imports, tracing, subprocess start-up), so two
-# workers on 2 cores take 18 min (516 tests, clean clone, 2026-12-04); 22 min 35 s
+# workers on 2 cores take 18 min (516 tests, clean clone, 2026-12-04); 21 min
 # on 2026-12-06's CPU (527 tests, the memorisation test among them: ~2 min).
 # pytest's exit 5 ("no tests collected") is reported and fails like any error.
 TEST_WORKERS ?= 2
