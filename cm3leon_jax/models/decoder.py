@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from cm3leon_jax.models.image_positions import image_cell_embedding, image_cells
+
 Dtype = Any
 
 # jax.checkpoint policies by the names used in gin (MaxText's habit).
@@ -244,24 +246,6 @@ def apply_rotary(x, rope):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
-
-
-def image_cells(tokens, cfg: "DecoderConfig"):
-    """(is_image [B, T] bool, cell [B, T] int32) for `image_positions`: the
-    i-th token of each run of consecutive image codes (i from 0) is in cell
-    i mod image_grid^2; cell is 0 where the token is not an image code."""
-    lo, hi = tuple(cfg.image_id_range)
-    is_image = (tokens >= lo) & (tokens < hi)
-    t = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    last_other = jax.lax.cummax(jnp.where(is_image, -1, t[None, :]), axis=1)
-    run = t[None, :] - last_other - 1
-    return is_image, jnp.where(is_image, run % (cfg.image_grid * cfg.image_grid), 0)
-
-
-def image_cell_embedding(row_table, col_table, is_image, cell, grid: int):
-    """row_table[cell // grid] + col_table[cell % grid] where `is_image`, else 0."""
-    emb = jnp.take(row_table, cell // grid, axis=0) + jnp.take(col_table, cell % grid, axis=0)
-    return jnp.where(is_image[..., None], emb, 0)
 
 
 def attention_mask(segment_ids: Optional[jax.Array], batch: int, length: int) -> jax.Array:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.models.decoder import (DecoderConfig, apply_norm, apply_rotary, as_dtype, head_norm,
-                                        image_cell_embedding, image_cells, rotary_tables)
+                                        rotary_tables)
+from cm3leon_jax.models.image_positions import image_cell_embedding, image_cells
 
 
 DECODE_BUCKET = 128  # the sampler grows the KV cache in whole buckets of slots

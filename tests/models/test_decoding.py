@@ -73,7 +73,7 @@ ROWS_COLS = dict(image_positions="rows_cols", image_grid=3, image_id_range=(VOCA
 
 
 def test_image_cells_count_each_run_of_codes_from_zero_by_hand():
-    from cm3leon_jax.models.decoder import image_cells
+    from cm3leon_jax.models.image_positions import image_cells
 
     cfg, _ = _model(**ROWS_COLS)
     i, t = VOCAB.image_start, VOCAB.text_start  # an image code, a text id
