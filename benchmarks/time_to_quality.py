@@ -64,12 +64,20 @@ def parse_args(argv=None):
     p.add_argument("--decoding", default="top_p", choices=("top_p", "cd_k", "mixed"))
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cd_alpha", type=float, default=None,
+                   help="CD-K's alpha (default: SamplingSettings', see benchmarks/cdk_scores.py)")
+    p.add_argument("--cd_k", type=int, default=None, help="CD-K's k (default: SamplingSettings')")
     p.add_argument("--best_of", type=int, default=8, help="samples reranked by CLIP at the last checkpoint")
     p.add_argument("--best_of_every", action="store_true", help="best-of-N at every checkpoint, not only the last")
     p.add_argument("--batch_rows", type=int, default=200, help="rows (prompt x sample) per sampler call")
     p.add_argument("--skip_train", action="store_true", help="score the checkpoints already in OUT/model")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p.parse_args(argv)
+
+
+def cd_settings(args) -> dict:
+    """The CD-K settings given on the command line (the rest keep their defaults)."""
+    return {k: v for k, v in (("cd_alpha", args.cd_alpha), ("cd_k", args.cd_k)) if v is not None}
 
 
 def read_prompts(path: str, n: int):
@@ -176,7 +184,7 @@ def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_path
     gin.clear_config()
     g = gen_lib.Generator(bundle)
     settings = SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p,
-                                cfg_scale=args.cfg_scale)
+                                cfg_scale=args.cfg_scale, **cd_settings(args))
     t = time.time()
     results = g.images_for_prompts(captions, best_of, settings, args.seed, args.num_retrieved,
                                    batch_rows=args.batch_rows)
@@ -298,7 +306,7 @@ def main(argv=None):
               "num_prompts": len(captions),
               "setting": {"decoding": args.decoding, "cfg_scale": args.cfg_scale,
                           "num_retrieved": args.num_retrieved, "top_p": args.top_p,
-                          "temperature": args.temperature},
+                          "temperature": args.temperature, **cd_settings(args)},
               "tokenizer_ceiling": ceiling, "curve": curve,
               "minutes_to_0.5_single": minutes_to(curve, "single"),
               "minutes_to_0.5_best_of": minutes_to(curve, "best_of")}

@@ -239,7 +239,10 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top_k", type=int, default=0, help="top-k filter before top-p (default 0: none)")
     p.add_argument("--cd_alpha", type=float, default=0.1,
                    help="CD-K: a token is allowed if p_exp >= alpha * kmax(p_exp) (default 0.1)")
-    p.add_argument("--cd_k", type=int, default=5, help="CD-K: the k of kmax (default 5)")
+    p.add_argument("--cd_k", type=int, default=1,
+                   help="CD-K: the k of kmax, the k-th largest expert probability (default 1; a larger k "
+                        "always admits k codes and paints noise where the expert is sure, see "
+                        "SamplingSettings)")
 
 
 def sampling_settings(args):

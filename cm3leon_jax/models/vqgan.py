@@ -285,8 +285,10 @@ class VQGAN(nn.Module):
         commitment_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(zq) - z))
         zq_st = z + jax.lax.stop_gradient(zq - z)
         recon = self.decode_latents(zq_st)
+        quant_error = jnp.sum(jnp.square(jax.lax.stop_gradient(zq - z)), axis=-1)
         return recon, codes.reshape(codes.shape[0], -1), {
-            "codebook_loss": codebook_loss, "commitment_loss": commitment_loss, "latents": z}
+            "codebook_loss": codebook_loss, "commitment_loss": commitment_loss, "latents": z,
+            "quant_error": quant_error}
 
 
 def small_config(**overrides) -> VQGANConfig:

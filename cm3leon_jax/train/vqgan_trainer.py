@@ -141,10 +141,29 @@ def pyramid_l1(recon, images, factors=(2, 4, 8)):
     return total
 
 
+RESTART_SAMPLING = ("uniform", "error")
+
+
+def restart_picks(key, quant_error, n: int, sampling: str):
+    """Indices of the `n` latents (of a batch's flattened latents, with their
+    squared quantisation errors `quant_error` [M]) that dead codes restart
+    from. "uniform": any latent alike. "error": drawn with probability
+    proportional to the error, as k-means++ seeds its centres, so that codes
+    restart where the codebook serves the batch worst. On shapes images most
+    latents are blank background that one code already fits (error ~0):
+    uniform picks mostly land there and die again in the next window."""
+    if sampling == "uniform":
+        return jax.random.randint(key, (n,), 0, quant_error.shape[0])
+    if sampling == "error":
+        return jax.random.categorical(key, jnp.log(quant_error + 1e-12), shape=(n,))
+    raise ValueError(f"restart_sampling must be one of {RESTART_SAMPLING}, got {sampling!r}")
+
+
 def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], disc_tx, *,
                        l1_weight: float, l2_weight: float, codebook_weight: float,
                        commitment_weight: float, gan_weight: float, gan_start_step: int,
-                       restart_every: int, perceptual=None, perceptual_weight: float = 0.0,
+                       restart_every: int, restart_sampling: str = "uniform",
+                       perceptual=None, perceptual_weight: float = 0.0,
                        edge_weight: float = 0.0, ema_decay: float = 0.0, pyramid_weight: float = 0.0,
                        pyramid_factors=(2, 4, 8)) -> Callable:
     """`step_fn(state, images, rng, perceptual_params=None)`. `perceptual`: None
@@ -193,13 +212,14 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
                                           new_d_opt, state.disc_opt_state)
         batch_counts = jnp.bincount(codes.reshape(-1), length=n_codes)
         usage = state.usage + batch_counts
-        # Dead-code restart at the end of each window: unused codes take random
-        # encoder outputs of this batch (plus a little noise).
+        # Dead-code restart at the end of each window: unused codes take
+        # encoder outputs of this batch (plus a little noise), drawn as
+        # `restart_sampling` says (`restart_picks`).
         step1 = state.step + 1
         do_restart = (restart_every > 0) & (step1 % max(restart_every, 1) == 0)
         z = aux["latents"].reshape(-1, aux["latents"].shape[-1])
         k1, k2 = jax.random.split(rng)
-        picks = z[jax.random.randint(k1, (n_codes,), 0, z.shape[0])]
+        picks = z[restart_picks(k1, aux["quant_error"].reshape(-1), n_codes, restart_sampling)]
         picks = picks + 0.01 * jnp.std(z) * jax.random.normal(k2, picks.shape)
         dead = (usage == 0) & do_restart
         params = dict(params)
@@ -248,6 +268,7 @@ def train_vqgan(*,
                 codebook_weight: float = 1.0,
                 commitment_weight: Optional[float] = None,
                 restart_every: int = 100,
+                restart_sampling: str = "uniform",
                 ema_decay: float = 0.0,
                 perceptual_weight: float = 0.0,
                 perceptual_weights: Optional[str] = None,
@@ -266,6 +287,9 @@ def train_vqgan(*,
     `eval_seed`, a stream training never sees.
     """
     cfg = config or VQGANConfig()
+    if restart_sampling not in RESTART_SAMPLING:
+        raise ValueError(f"train_vqgan.restart_sampling must be one of {RESTART_SAMPLING}, "
+                         f"got {restart_sampling!r}")
     perceptual, perceptual_params = None, None
     if perceptual_weight > 0:
         if not perceptual_weights:
@@ -301,7 +325,8 @@ def train_vqgan(*,
         model, tx, disc, disc_tx, l1_weight=l1_weight, l2_weight=l2_weight,
         codebook_weight=codebook_weight, commitment_weight=commitment_weight,
         gan_weight=gan_weight, gan_start_step=gan_start_step, restart_every=restart_every,
-        perceptual=perceptual, perceptual_weight=perceptual_weight, edge_weight=edge_weight,
+        restart_sampling=restart_sampling, perceptual=perceptual, perceptual_weight=perceptual_weight,
+        edge_weight=edge_weight,
         pyramid_weight=pyramid_weight, pyramid_factors=tuple(pyramid_factors),
         ema_decay=ema_decay),
         donate_argnums=(0,))

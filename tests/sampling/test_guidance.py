@@ -77,3 +77,18 @@ def test_restrict_and_allowed_ids():
     m = g.allowed_ids_mask(8, 2, 5, extra=(7,))
     assert np.flatnonzero(np.asarray(m)).tolist() == [2, 3, 4, 7]
     assert _kept(g.restrict(jnp.zeros(8), m)) == [2, 3, 4, 7]
+
+
+def test_cd_k_defaults_keep_a_sure_expert_s_choice():
+    # Blank background: the expert is 99% sure of token 0 and the amateur
+    # (no caption) even surer. Any k > 1 admits the k likeliest tokens however
+    # peaked the expert is, and the ratio then prefers one the expert gives
+    # 0.2%: the noise CD-K painted over the demo's images with k = 5.
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+
+    p_exp = np.array([0.990, 0.004, 0.002, 0.002, 0.001, 0.001])
+    p_ama = np.array([0.999, 0.0006, 0.0001, 0.0001, 0.0001, 0.0001])
+    e, a = jnp.log(jnp.asarray(p_exp)), jnp.log(jnp.asarray(p_ama))
+    assert int(np.argmax(np.asarray(g.contrastive_scores(e, a, alpha=0.1, k=5)))) != 0
+    s = SamplingSettings("cd_k")
+    assert int(np.argmax(np.asarray(g.contrastive_scores(e, a, s.cd_alpha, s.cd_k)))) == 0

@@ -75,6 +75,20 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     assert int(new_state.usage.sum()) == 0  # window reset after the restart
 
 
+def test_error_weighted_restarts_pick_only_badly_served_latents():
+    # k-means++-style draws: a latent with zero quantisation error (blank
+    # background that a code already fits) is never a restart seed; the rest
+    # are drawn in proportion to their squared error (1 : 3 here).
+    err = jnp.asarray([0.0, 1.0, 0.0, 3.0, 0.0])
+    picks = np.asarray(vt.restart_picks(jax.random.PRNGKey(0), err, 4000, "error"))
+    assert set(picks.tolist()) == {1, 3}
+    assert abs(np.mean(picks == 3) - 0.75) < 0.03
+    uniform = np.asarray(vt.restart_picks(jax.random.PRNGKey(0), err, 4000, "uniform"))
+    assert set(uniform.tolist()) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="restart_sampling"):
+        vt.restart_picks(jax.random.PRNGKey(0), err, 4, "kmeans")
+
+
 def test_no_restart_inside_the_window():
     cfg, _, new_state, metrics = _one_live_code_step(restart_every=3)
     assert int(metrics["codes_restarted"]) == 0
