@@ -29,6 +29,7 @@ import json
 import os
 
 import common
+from time_to_quality import image_logits
 
 
 def parse_args(argv=None):
@@ -42,24 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--grid", nargs="+", default=["0.1,5", "0.1,1", "0.5,1", "0.9,1", "0.5,2"],
                    metavar="ALPHA,K", help="CD-K settings to score")
     return p.parse_args(argv)
-
-
-def stream_logits(g, prefixes, codes_ids):
-    """Image-position logits [N, n, V] of `prefix + codes` per row (a BOS first,
-    as the trainer's sequences and the sampler's prompts have)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from cm3leon_jax.models.decoder import Decoder
-
-    rows = [[0] + list(p) + ids.tolist() for p, ids in zip(prefixes, codes_ids)]
-    width = max(map(len, rows))
-    toks = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        toks[i, :len(r)] = r
-    logits = np.asarray(Decoder(g.b.cfg).apply({"params": g.params}, jnp.asarray(toks[:, :-1])), np.float32)
-    n = codes_ids.shape[1]
-    return np.stack([logits[i, len(r) - 1 - n:len(r) - 1] for i, r in enumerate(rows)])
 
 
 def summarize(pick, true, expert_logp, allowed_counts, where) -> dict:
@@ -98,8 +81,8 @@ def main(argv=None):
     ids = g.b.vocab.image_code_to_id(codes)
     prompts = [g.image_prompt(c, g.retrieve(c, args.num_retrieved)) for c in captions]
     lo, hi = bundle.cfg.image_id_range
-    expert = stream_logits(g, [p[0] for p in prompts], ids)[..., lo:hi]
-    amateur = stream_logits(g, [p[1] for p in prompts], ids)[..., lo:hi]
+    expert = image_logits(g, [p[0] for p in prompts], ids)[..., lo:hi]
+    amateur = image_logits(g, [p[1] for p in prompts], ids)[..., lo:hi]
     true = ids - lo
     blank = np.bincount(codes.reshape(-1)).argmax()
     background = codes == blank

@@ -140,33 +140,40 @@ def loss_at(model_dir: str) -> dict:
     return out
 
 
-def teacher_forced(g, captions, image_paths) -> dict:
-    """The model's fit of `caption <break> image` (no retrieved documents),
-    the layout `generate` prompts with: mean NLL of the image codes and the
-    share of codes that are the argmax given the true codes before them."""
+def image_logits(g, prefixes, ids):
+    """Teacher-forced logits [N, n, V] at the n image positions of each row
+    `BOS + prefix + ids[i]` (the BOS that training sequences and the
+    sampler's prompts start with): row i's logits that predict ids[i]."""
     import jax.numpy as jnp
     import numpy as np
 
-    from cm3leon_jax.eval.samples import load_image
     from cm3leon_jax.models.decoder import Decoder
 
-    codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
-    ids = g.b.vocab.image_code_to_id(codes)
-    rows = [[0] + g.text.encode(c).tolist() + [2] + ids[i].tolist() for i, c in enumerate(captions)]
+    rows = [[0] + list(p) + list(r) for p, r in zip(prefixes, np.asarray(ids).tolist())]
     width = max(map(len, rows))
     toks = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         toks[i, :len(r)] = r
     logits = np.asarray(Decoder(g.b.cfg).apply({"params": g.params}, jnp.asarray(toks[:, :-1])), np.float32)
-    n = ids.shape[1]
-    nll, hit = [], []
-    for i, r in enumerate(rows):
-        lg = logits[i, len(r) - 1 - n:len(r) - 1]
-        lg = lg - lg.max(-1, keepdims=True)
-        logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
-        nll.append(-logp[np.arange(n), ids[i]].mean())
-        hit.append((lg.argmax(-1) == ids[i]).mean())
-    return {"image_nll": float(np.mean(nll)), "code_accuracy": float(np.mean(hit))}
+    n = np.asarray(ids).shape[1]
+    return np.stack([logits[i, len(r) - 1 - n:len(r) - 1] for i, r in enumerate(rows)])
+
+
+def teacher_forced(g, captions, image_paths) -> dict:
+    """The model's fit of `caption <break> image` (no retrieved documents),
+    the layout `generate` prompts with: mean NLL of the image codes and the
+    share of codes that are the argmax given the true codes before them."""
+    import numpy as np
+
+    from cm3leon_jax.eval.samples import load_image
+
+    codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
+    ids = g.b.vocab.image_code_to_id(codes)
+    logits = image_logits(g, [g.text.encode(c).tolist() + [2] for c in captions], ids)
+    logits = logits - logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
+    return {"image_nll": float(nll.mean()), "code_accuracy": float((logits.argmax(-1) == ids).mean())}
 
 
 def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_paths=None) -> dict:
