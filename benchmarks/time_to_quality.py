@@ -147,9 +147,10 @@ def image_logits(g, prefixes, ids):
     import jax.numpy as jnp
     import numpy as np
 
+    from cm3leon_jax import vocab as vocab_lib
     from cm3leon_jax.models.decoder import Decoder
 
-    rows = [[0] + list(p) + list(r) for p, r in zip(prefixes, np.asarray(ids).tolist())]
+    rows = [[vocab_lib.PAD_ID] + list(p) + list(r) for p, r in zip(prefixes, np.asarray(ids).tolist())]
     width = max(map(len, rows))
     toks = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -165,11 +166,12 @@ def teacher_forced(g, captions, image_paths) -> dict:
     share of codes that are the argmax given the true codes before them."""
     import numpy as np
 
+    from cm3leon_jax import vocab as vocab_lib
     from cm3leon_jax.eval.samples import load_image
 
     codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
     ids = g.b.vocab.image_code_to_id(codes)
-    logits = image_logits(g, [g.text.encode(c).tolist() + [2] for c in captions], ids)
+    logits = image_logits(g, [g.text.encode(c).tolist() + [vocab_lib.BREAK_ID] for c in captions], ids)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
