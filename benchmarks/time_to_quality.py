@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--best_of_every", action="store_true", help="best-of-N at every checkpoint, not only the last")
     p.add_argument("--batch_rows", type=int, default=200, help="rows (prompt x sample) per sampler call")
     p.add_argument("--skip_train", action="store_true", help="score the checkpoints already in OUT/model")
+    p.add_argument("--score_steps", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="score only these checkpoint steps (comma-separated; default: every one)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p.parse_args(argv)
 
@@ -175,7 +177,12 @@ def teacher_forced(g, captions, image_paths) -> dict:
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
-    return {"image_nll": float(nll.mean()), "code_accuracy": float((logits.argmax(-1) == ids).mean())}
+    from cm3leon_jax.demo.shapes import caption_facts
+
+    counts = np.array([len(caption_facts(c).shapes) for c in captions])
+    by_shapes = {str(n): float(nll[counts == n].mean()) for n in sorted(set(counts.tolist()))}
+    return {"image_nll": float(nll.mean()), "code_accuracy": float((logits.argmax(-1) == ids).mean()),
+            "image_nll_by_shapes": by_shapes}
 
 
 def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_paths=None) -> dict:
@@ -289,6 +296,8 @@ def main(argv=None):
     from cm3leon_jax.sampling.generate import checkpoint_steps
 
     steps = checkpoint_steps(model_dir)
+    if args.score_steps:
+        steps = [s for s in steps if s in args.score_steps]
     losses = loss_at(model_dir)
     curve = []
     for i, step in enumerate(steps):
@@ -307,7 +316,9 @@ def main(argv=None):
         line += " | by shapes " + " ".join(f"{k}:{v['accuracy']:.2f}" for k, v in s["by_shapes"].items())
         if "teacher_forced" in row:
             line += (f" | teacher-forced codes: nll {row['teacher_forced']['image_nll']:.3f}, "
-                     f"argmax {row['teacher_forced']['code_accuracy']:.3f} | redrawn exactly "
+                     f"argmax {row['teacher_forced']['code_accuracy']:.3f}, nll by shapes "
+                     + " ".join(f"{k}:{v:.3f}" for k, v in row["teacher_forced"]["image_nll_by_shapes"].items())
+                     + " | redrawn exactly "
                      f"{row['redrawn']['images_exact']:.3f} (codes {row['redrawn']['codes_equal']:.3f})")
         common.say(line)
     result = {"benchmark": "time_to_quality", "out": os.path.abspath(args.out), "steps": args.steps,

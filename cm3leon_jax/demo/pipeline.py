@@ -43,6 +43,10 @@ STAGES = ("corpus", "vqgan", "clip", "task_data", "train", "generate", "evaluate
 STAGE_DIR = "stages"
 
 
+# Decodings that take the argmax at every step: the same image for every seed.
+DETERMINISTIC_DECODINGS = ("cd_k", "greedy")
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One decoding setting of the ablations: a `cm3leon generate` call."""
@@ -64,11 +68,14 @@ def ablation_settings(retrieved: Sequence[int], cfg_scales: Sequence[float], dec
     (d) CLIP reranking share one run per decoding with `rerank_samples`
     samples per caption ((c) compares their mean and best-of-N accuracy, (d)
     sample 0, exactly what one sample per caption gives, against the best of
-    N). Returns {"settings": [Setting] (unique), "tables": {family: [name]}}."""
+    N). A deterministic decoding (CD-K, greedy: the argmax at every step)
+    draws one image per caption, since its N would be N copies of it.
+    Returns {"settings": [Setting] (unique), "tables": {family: [name]}}."""
     def one(decoding, cfg, k, n):
         return Setting(f"{decoding}_cfg{cfg:g}_r{k}_n{n}", decoding, float(cfg), int(k), int(n))
 
-    reranked = [one(d, base_cfg, base_retrieved, rerank_samples) for d in decodings]
+    reranked = [one(d, base_cfg, base_retrieved, 1 if d in DETERMINISTIC_DECODINGS else rerank_samples)
+                for d in decodings]
     tables = {
         "retrieval": [one(base_decoding, base_cfg, k, 1) for k in retrieved],
         "cfg": [one(base_decoding, c, base_retrieved, 1) for c in cfg_scales],

@@ -205,6 +205,9 @@ def write_report(c) -> dict:
               os.path.join(out, files["rerank"]), f"{_label(settings[rerank_name])}: samples ordered by CLIP score")
 
     # tables
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+
+    cd_defaults = SamplingSettings()
     n_prompts = stages["generate"].get("prompts")
     lines = [
         "# CM3Leon demo report",
@@ -234,8 +237,8 @@ def write_report(c) -> dict:
         f"({stages['corpus'].get('heldout', {}).get('captions_also_in_corpus', '?')} of the {n_prompts} captions "
         "also occur, with another image, in the corpus: the grammar is small). Sampling seed "
         f"{c.seed}; sample j of caption i draws from its own key, so a setting's sample 0 is exactly what "
-        f"`--num_samples=1` gives. Top-p {c.top_p:g}, temperature {c.temperature:g}; CD-K alpha 0.1, k 5 "
-        "(the `generate` defaults).",
+        f"`--num_samples=1` gives. Top-p {c.top_p:g}, temperature {c.temperature:g}; CD-K alpha "
+        f"{cd_defaults.cd_alpha:g}, k {cd_defaults.cd_k} (the `generate` defaults).",
         "",
         "- **accuracy**: the shapes checker finds every fact the caption states (kinds, colours, sizes, "
         "positions, relations) in the image; **facts**: the mean share of facts that hold;",
@@ -252,7 +255,7 @@ def write_report(c) -> dict:
             lines += ["Each decoding draws N samples per caption: the accuracy of a sample (mean over all N) "
                       "and of the best of the N by CLIP score. CD-K takes the token that maximises "
                       "log p_expert - log p_amateur among the allowed ones (no sampling, as the paper "
-                      "describes it), so its N samples are one image, and mixed's odd samples are that image.",
+                      "describes it), so it draws one image per caption (N = 1), and mixed's odd samples are that image.",
                       "",
                       "| setting | accuracy (mean of N) | facts (mean of N) | best of N by CLIP | CLIP-FID (all) | "
                       "CLIP score (all) |", "|---|---:|---:|---:|---:|---:|"]
@@ -269,7 +272,8 @@ def write_report(c) -> dict:
                 lines.append(f"| {_label(s)} | {_fmt(sh['accuracy'])} | {_fmt(sh['fraction_of_facts'])} | "
                              f"{_fmt(sh['top_ranked_accuracy'])} | {_fmt(e['clip_fid_all'], 4)} | "
                              f"{_fmt(e['clip_score']['clip_score'])} |")
-                candidates = [(f"{_label(s)}, best of {s.num_samples} by CLIP", sh["top_ranked_accuracy"])]
+                candidates = [(f"{_label(s)}, best of {s.num_samples} by CLIP" if s.num_samples > 1 else _label(s),
+                               sh["top_ranked_accuracy"])]
             elif family == "rerank":
                 lines.append(f"| {_label(s)} | {_fmt(sh['first_sample_accuracy'])} | "
                              f"**{_fmt(sh['top_ranked_accuracy'])}** | {_fmt(e['clip_fid_first_sample'], 4)} | "
@@ -373,7 +377,8 @@ def grid_columns(c, ab, settings) -> List[Tuple[str, str, str]]:
         s = settings[n]
         if s.decoding != c.base_decoding and s.decoding != "mixed":
             cols.append((f"{_label(s).split(', ', 1)[0]}, 1 sample", n, "first"))
-        cols.append((f"{_label(s).split(', ', 1)[0]}, best of {s.num_samples}", n, "best"))
+        if s.num_samples > 1:
+            cols.append((f"{_label(s).split(', ', 1)[0]}, best of {s.num_samples}", n, "best"))
     return cols
 
 
