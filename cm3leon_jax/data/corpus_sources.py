@@ -19,6 +19,7 @@ import numpy as np
 
 from cm3leon_jax.data import images as images_lib
 from cm3leon_jax.data import sources as sources_lib
+from cm3leon_jax.data import text as text_lib
 from cm3leon_jax.data.sources import SkippedDocument
 
 
@@ -44,7 +45,10 @@ class WebDatasetSource:
     members sharing a key (webdataset's `__key__`, split off the name by
     `webdataset.tariterators.base_plus_ext`, suffixes lower-cased, `__meta__`
     files ignored, exactly as `webdataset.WebDataset` groups them), with an
-    image (.jpg/.jpeg/.png/.webp) and/or a caption (.txt, UTF-8).
+    image (.jpg/.jpeg/.png/.webp) and/or a caption (.txt, UTF-8, cleaned by
+    `data.text.clean_field`: undecodable bytes -> U+FFFD, mostly
+    undecodable -> skipped as "caption is not UTF-8 text"; only its first
+    `4 x MAX_TEXT_CHARS` bytes are read).
 
     Random access: the tars are indexed at open time by reading their
     headers only (Python's tarfile seeks over the members' data), keeping
@@ -52,14 +56,17 @@ class WebDatasetSource:
     Tars must be uncompressed (what img2dataset writes). The id of a sample
     is its number in (sorted tar path, order within the tar); samples with
     neither an image nor a caption, and unreadable tars (or the unreadable
-    tail of a truncated one), are counted in `.skipped` by reason."""
+    tail of a truncated one), are counted in `.skipped` by reason; regular
+    members whose name is not KEY.EXT are counted as "tar member without an
+    extension". A member cut short by the end of the file raises
+    `SkippedDocument` ("truncated tar member") when read."""
 
-    def __init__(self, pattern: str, resolution: int = 256):
+    def __init__(self, pattern: str, resolution: int = 256, max_pixels: int = images_lib.MAX_PIXELS):
         from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
         if not pattern:
             raise ValueError("bad source spec 'webdataset:': expected webdataset:GLOB (tar shards)")
-        self.pattern, self.resolution = pattern, int(resolution)
+        self.pattern, self.resolution, self.max_pixels = pattern, int(resolution), int(max_pixels)
         self.spec = f"webdataset:{pattern}"
         self.files = _expand_shards(pattern)
         if not self.files:
@@ -93,6 +100,7 @@ class WebDatasetSource:
                             continue
                         key, ext = base_plus_ext(name)
                         if key is None:
+                            self._skip("tar member without an extension")
                             continue
                         ext = ext.lower()
                         if key != current:
@@ -126,13 +134,16 @@ class WebDatasetSource:
         """`__key__` of every document, in index order."""
         return [s[2] for s in self._samples]
 
-    def _read(self, t: int, offset: int, size: int) -> bytes:
+    def _read(self, t: int, offset: int, size: int, index: int, where: str) -> bytes:
         with self._lock:
             f = self._handles.get(t)
             if f is None:
                 f = self._handles[t] = open(self.files[t], "rb")
             f.seek(offset)
-            return f.read(size)
+            data = f.read(size)
+        if len(data) < size:
+            raise SkippedDocument(index, "truncated tar member", f"{where}: {len(data)} of {size} bytes")
+        return data
 
     def __getitem__(self, index: int) -> dict:
         index = sources_lib._check_index(index, len(self._samples))
@@ -140,15 +151,19 @@ class WebDatasetSource:
         where = f"{self.files[t]}:{key}"
         text = image = None
         if text_m is not None:
+            size = min(text_m[2], 4 * text_lib.MAX_TEXT_CHARS)  # the rest would be cut anyway
+            data = self._read(t, text_m[1], size, index, f"{where}.txt")
             try:
-                text = self._read(t, text_m[1], text_m[2]).decode("utf-8")
-            except UnicodeDecodeError:
-                raise SkippedDocument(index, "caption is not UTF-8 text", where) from None
-            text = text if text.strip() else None
+                text = text_lib.clean_field(data, "caption")
+            except text_lib.BadText as e:
+                raise SkippedDocument(index, e.reason, f"{where}.txt: {e}") from None
         if image_m is not None:
+            name = f"{where}.{image_m[0]}"
             try:
-                image = images_lib.load_image(self._read(t, image_m[1], image_m[2]), self.resolution,
-                                              name=f"{where}.{image_m[0]}")
+                if image_m[2] > images_lib.max_file_bytes(self.max_pixels):
+                    raise images_lib.BadImageError(name, "too large", f"{image_m[2]} bytes")
+                image = images_lib.load_image(self._read(t, image_m[1], image_m[2], index, name), self.resolution,
+                                              name=name, max_pixels=self.max_pixels)
             except images_lib.BadImageError as e:
                 raise SkippedDocument(index, e.reason, str(e)) from None
         return {"id": np.int64(number), "text": text, "image": image}
@@ -213,15 +228,22 @@ class TfdsSource:
     sequence of captions. Random access through `as_data_source` when the
     dataset is stored as ArrayRecord, otherwise by blocks of 256 examples
     read with split slicing (`train[a:b]`) and cached, so a shard's
-    sequential reads cost one slice read per block."""
+    sequential reads cost one slice read per block.
+
+    A top-level `tfds.features.Image` is read undecoded and decoded by
+    `images.load_image`, so the pixel budget `max_pixels` refuses a bomb
+    before it is decoded; an image feature of another kind (a uint8 / uint16
+    / float tensor) is taken as pixels (2-D, or 3-D with 1 to 4 channels;
+    anything else is skipped as "image is not an array of pixels"). A
+    caption that is not text is skipped as "caption is not a string"."""
 
     def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
                  image_feature: str = "image", caption_feature: Optional[str] = None, resolution: int = 256,
-                 spec: Optional[str] = None):
+                 spec: Optional[str] = None, max_pixels: int = images_lib.MAX_PIXELS):
         import tensorflow_datasets as tfds
 
         self.name, self.split, self.data_dir = name, split, data_dir
-        self.resolution = int(resolution)
+        self.resolution, self.max_pixels = int(resolution), int(max_pixels)
         self.spec = spec or f"tfds:{name}@{split}"
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
         try:
@@ -253,9 +275,13 @@ class TfdsSource:
         self.image_feature, self.caption_feature = image_feature, caption_feature
         self.num = int(splits[split].num_examples)
         self.skipped: Dict[str, int] = {}
+        self._decoders = None
+        top = builder.info.features
+        if "/" not in image_feature and isinstance(top[image_feature], tfds.features.Image):
+            self._decoders = {image_feature: tfds.decode.SkipDecoding()}  # encoded bytes: load_image decodes
         self._random = None
         try:
-            self._random = builder.as_data_source(split=split)
+            self._random = builder.as_data_source(split=split, decoders=self._decoders)
         except Exception:  # noqa: BLE001 - stored as tfrecord: block reads instead
             self._random = None
         self._block: Tuple[int, list] = (-1, [])
@@ -271,45 +297,73 @@ class TfdsSource:
             import tensorflow_datasets as tfds
 
             stop = min(start + TFDS_BLOCK, self.num)
-            ds = self.builder.as_dataset(split=f"{self.split}[{start}:{stop}]", shuffle_files=False)
+            ds = self.builder.as_dataset(split=f"{self.split}[{start}:{stop}]", shuffle_files=False,
+                                         decoders=self._decoders)
             self._block = (start, list(tfds.as_numpy(ds)))
         return self._block[1][index - start]
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
         index = sources_lib._check_index(index, self.num)
         ex = self._example(index)
         text = _get_path(ex, self.caption_feature)
         if isinstance(text, (list, tuple, np.ndarray)) and not isinstance(text, (str, bytes)):
             text = next((t for t in list(np.asarray(text, dtype=object).reshape(-1))), None)
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SkippedDocument(index, "caption is not UTF-8 text") from None
-        text = text if isinstance(text, str) and text.strip() else None
+        try:
+            text = text_lib.clean_field(text, "caption")
+        except text_lib.BadText as e:
+            raise SkippedDocument(index, e.reason, f"{self.spec}[{index}]: {e}") from None
         pixels = _get_path(ex, self.image_feature)
         image = None
         if pixels is not None:
-            a = np.asarray(pixels)
-            if a.ndim == 3 and a.shape[-1] == 1:
-                a = a[..., 0]
+            name = f"{self.spec}[{index}]"
             try:
-                img = Image.fromarray(a)
-            except (TypeError, ValueError) as e:
-                raise SkippedDocument(index, "corrupt or truncated image", str(e)) from None
-            if min(img.size) < images_lib.MIN_SIDE:
-                raise SkippedDocument(index, "too small", f"{img.size[0]}x{img.size[1]}")
-            image = np.asarray(images_lib.resize_center_crop(images_lib._to_rgb(img), self.resolution),
-                               np.uint8)
+                if isinstance(pixels, bytes):  # an undecoded Image feature
+                    image = images_lib.load_image(pixels, self.resolution, name=name, max_pixels=self.max_pixels)
+                else:
+                    image = _pixels_to_image(pixels, self.resolution, name, self.max_pixels)
+            except images_lib.BadImageError as e:
+                raise SkippedDocument(index, e.reason, str(e)) from None
         return {"id": np.int64(index), "text": text, "image": image}
 
 
-def open_webdataset(rest: str, resolution: Optional[int] = None) -> WebDatasetSource:
-    return WebDatasetSource(rest, **({} if resolution is None else {"resolution": int(resolution)}))
+def _pixels_to_image(pixels, resolution: int, name: str, max_pixels: int) -> np.ndarray:
+    """A decoded image tensor (2-D, or 3-D with 1-4 channels; uint8, wider
+    integers scaled by their range, floats in [0, 1] or [0, 255]) ->
+    uint8 [resolution, resolution, 3]."""
+    from PIL import Image
+
+    a = np.asarray(pixels)
+    if a.dtype.kind not in "biuf" or a.ndim not in (2, 3) or (a.ndim == 3 and not 1 <= a.shape[-1] <= 4):
+        raise images_lib.BadImageError(name, "image is not an array of pixels", f"{a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    if h * w > max_pixels:
+        raise images_lib.BadImageError(name, "too large", f"{w}x{h}, over the budget of {max_pixels} pixels")
+    if min(h, w) < images_lib.MIN_SIDE:
+        raise images_lib.BadImageError(name, "too small", f"{w}x{h}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.dtype.kind == "b":
+        a = a.astype(np.uint8) * 255
+    elif a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float32))
+        a = np.clip(a * (255.0 if a.size and a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        top = 65535 if a.max() > 255 else 255
+        a = ((np.clip(a, 0, top).astype(np.int64) * 510 + top) // (2 * top)).astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(a))
+    return np.asarray(images_lib.resize_center_crop(images_lib._to_rgb(img), resolution), np.uint8)
 
 
-def open_tfds(rest: str, resolution: Optional[int] = None) -> TfdsSource:
+def _sizes(resolution: Optional[int], max_pixels: Optional[int]) -> dict:
+    return {**({} if resolution is None else {"resolution": int(resolution)}),
+            **({} if max_pixels is None else {"max_pixels": int(max_pixels)})}
+
+
+def open_webdataset(rest: str, resolution: Optional[int] = None, max_pixels: Optional[int] = None
+                    ) -> WebDatasetSource:
+    return WebDatasetSource(rest, **_sizes(resolution, max_pixels))
+
+
+def open_tfds(rest: str, resolution: Optional[int] = None, max_pixels: Optional[int] = None) -> TfdsSource:
     opts = _parse_tfds_spec(rest)
-    return TfdsSource(**opts, spec=f"tfds:{rest}", **({} if resolution is None else {"resolution": int(resolution)}))
+    return TfdsSource(**opts, spec=f"tfds:{rest}", **_sizes(resolution, max_pixels))

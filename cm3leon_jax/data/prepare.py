@@ -183,11 +183,11 @@ _SOURCES: Dict[tuple, object] = {}
 _SOURCES_LOCK = threading.Lock()
 
 
-def _open_source_cached(spec: str, resolution: int):
+def _open_source_cached(spec: str, resolution: int, max_pixels: int = images_lib.MAX_PIXELS):
     with _SOURCES_LOCK:
-        key = (spec, int(resolution))
+        key = (spec, int(resolution), int(max_pixels))
         if key not in _SOURCES:
-            _SOURCES[key] = sources_lib.open_source(spec, resolution=resolution)
+            _SOURCES[key] = sources_lib.open_source(spec, resolution=resolution, max_pixels=max_pixels)
         return _SOURCES[key]
 
 
@@ -230,7 +230,7 @@ def prepare_shard(cfg: dict, shard: dict) -> dict:
     from cm3leon_jax.retrieval import embed
 
     models = load_models(cfg["vqgan_dir"], cfg["text_tokenizer"], cfg["clip_dir"], cfg["batch_size"])
-    source = _open_source_cached(cfg["source"], cfg["resolution"])
+    source = _open_source_cached(cfg["source"], cfg["resolution"], cfg.get("max_image_pixels", images_lib.MAX_PIXELS))
     out_dir, k, num = cfg["out_dir"], int(shard["shard"]), int(shard["num_shards"])
     stem = shard_stem(k, num)
     final = os.path.join(out_dir, stem + RECORD_SUFFIX)
@@ -446,12 +446,16 @@ def _run_pipeline(cfg: dict, shards: List[dict], runner: str, pipeline_args: Seq
 def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip_dir: str, *,
             max_text_tokens: int = 128, records_per_shard: int = 1000, resolution: Optional[int] = None,
             batch_size: int = 32, require_both: bool = True, runner: str = "DirectRunner",
-            pipeline_args: Sequence[str] = (), progress: bool = True) -> dict:
+            pipeline_args: Sequence[str] = (), progress: bool = True,
+            max_image_pixels: int = images_lib.MAX_PIXELS) -> dict:
     """Prepares every document of the source spec `source` into `out_dir`
     (see the module docstring) and returns the report:
     {"written": records in the dataset, "new_records": written by this run,
      "skipped": {reason: count}, "truncated": captions truncated,
      "shards": N, "resumed_shards": shards found done, "out": out_dir}.
+
+    `max_image_pixels` is the image size budget (`images.load_image`):
+    larger images are skipped as "too large" without being decoded.
 
     Raises ValueError for a bad spec, a missing model dir, bad sizes, or an
     out dir prepared with other settings."""
@@ -459,6 +463,10 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
                         ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
+    if (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, (int, np.integer))
+            or max_image_pixels < images_lib.MIN_SIDE ** 2):
+        raise ValueError(f"--max_image_pixels must be an integer >= {images_lib.MIN_SIDE ** 2}, got "
+                         f"{max_image_pixels!r}")
     if resolution is not None and (not isinstance(resolution, (int, np.integer)) or resolution < images_lib.MIN_SIDE):
         raise ValueError(f"--resolution must be an integer >= {images_lib.MIN_SIDE}, got {resolution!r}")
     if not isinstance(source, str) or ":" not in source:
@@ -472,7 +480,8 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
         sources_lib.open_source(spec)  # the standard "unknown source kind" error
     side = int(resolution) if resolution is not None else _vq_resolution(vqgan_dir)
     # The source before the models: a bad spec fails before anything heavy loads.
-    src = sources_lib.open_source(spec, resolution=side)  # fresh: the files may have changed since
+    # fresh: the files may have changed since
+    src = sources_lib.open_source(spec, resolution=side, max_pixels=int(max_image_pixels))
     n = len(src)
     if n == 0:
         raise ValueError(f"source {spec!r} has no documents"
@@ -480,7 +489,7 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
                             if getattr(src, "skipped", None) else ""))
     models = load_models(vqgan_dir, text_tokenizer, clip_dir, batch_size)
     with _SOURCES_LOCK:
-        _SOURCES[(spec, side)] = src  # what workers in this process read
+        _SOURCES[(spec, side, int(max_image_pixels))] = src  # what workers in this process read
     num_shards = -(-n // int(records_per_shard))
     settings = {
         "format_version": FORMAT_VERSION, "source": spec, "source_size": n,
@@ -488,6 +497,10 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
         "max_text_tokens": int(max_text_tokens), "resolution": side, "require_both": bool(require_both),
         "vocabulary": dataclasses.asdict(models.vocabulary), **models.fingerprints,
     }
+    if int(max_image_pixels) != images_lib.MAX_PIXELS:
+        # Only when not the default: datasets prepared before the budget
+        # existed keep their fingerprint, so their reruns still resume.
+        settings["max_image_pixels"] = int(max_image_pixels)
     fingerprint = _settings_fingerprint(settings)
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
@@ -511,7 +524,8 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
     cfg = {"source": spec, "resolution": side, "out_dir": out_dir, "vqgan_dir": os.path.abspath(vqgan_dir),
            "text_tokenizer": os.path.abspath(text_tokenizer), "clip_dir": os.path.abspath(clip_dir),
            "max_text_tokens": int(max_text_tokens), "require_both": bool(require_both),
-           "batch_size": int(batch_size), "settings_fingerprint": fingerprint}
+           "batch_size": int(batch_size), "max_image_pixels": int(max_image_pixels),
+           "settings_fingerprint": fingerprint}
     if todo:
         initial = sum(s["stop"] - s["start"] for s in shards if s["shard"] in done)
         bar = _ProgressBar(out_dir, todo, initial, n, progress)

@@ -30,8 +30,10 @@ from typing import Dict, List, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from cm3leon_jax.data import images as images_lib
+from cm3leon_jax.data import text as text_lib
 
 CAPTIONS_FILE = "captions.jsonl"
+MAX_LINE_BYTES = 16 * 2**20  # a captions.jsonl line longer than this is skipped unread
 SPEC_KINDS = ("shapes", "image_folder", "webdataset", "tfds", "prepared")
 SPEC_HELP = ("shapes:N (N procedurally generated shapes documents, optionally shapes:N:SEED), "
              "image_folder:PATH (images + captions.jsonl), webdataset:GLOB (tar shards), "
@@ -96,14 +98,20 @@ class ImageFolderSource:
     0-based line number. A missing or empty "file" makes a text-only
     document, a missing or empty "caption" an image-only one.
 
-    Lines that are blank, not JSON objects, or name a file outside the folder
-    are counted in `.skipped` by reason and never become documents; images
-    that fail to decode raise `SkippedDocument` when read (decoding every
-    image up front would cost as much as the job itself)."""
+    Captions go through `data.text.clean_field` (lone surrogates -> U+FFFD,
+    control characters removed, cut at 64 Ki characters). Lines that are
+    blank, not JSON objects, over 16 MiB, hold a caption that is not a
+    string (or not text), or name a file outside the folder (`..`, an
+    absolute path; never opened) are counted in `.skipped` by reason and
+    never become documents. A symbolic link inside the folder is followed:
+    the folder's owner put it there. Images that fail to decode, or exceed
+    the pixel budget `max_pixels` (`images.load_image`), raise
+    `SkippedDocument` when read (decoding every image up front would cost as
+    much as the job itself)."""
 
-    def __init__(self, path: str, resolution: int = 256):
+    def __init__(self, path: str, resolution: int = 256, max_pixels: int = images_lib.MAX_PIXELS):
         self.path = os.path.abspath(path)
-        self.resolution = int(resolution)
+        self.resolution, self.max_pixels = int(resolution), int(max_pixels)
         self.spec = f"image_folder:{path}"
         if not os.path.isdir(path):
             raise ValueError(f"image folder {path!r} does not exist or is not a directory")
@@ -113,13 +121,13 @@ class ImageFolderSource:
                              '{"file": "00000.png", "caption": "..."})')
         self.skipped: Dict[str, int] = {}
         self._records: List[tuple] = []  # (line number, file or None, caption or None)
-        with open(captions, encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f):
-                rec = self._parse(line)
-                if isinstance(rec, str):
-                    self.skipped[rec] = self.skipped.get(rec, 0) + 1
-                else:
-                    self._records.append((line_no, *rec))
+        for line_no, line in enumerate(_bounded_lines(captions, MAX_LINE_BYTES)):
+            rec = (f"captions.jsonl line over {MAX_LINE_BYTES // 2**20} MiB" if line is None
+                   else self._parse(line.decode("utf-8", errors="replace")))
+            if isinstance(rec, str):
+                self.skipped[rec] = self.skipped.get(rec, 0) + 1
+            else:
+                self._records.append((line_no, *rec))
 
     def _parse(self, line: str):
         """(file, caption) or the reason the line is skipped."""
@@ -127,19 +135,24 @@ class ImageFolderSource:
             return "blank line in captions.jsonl"
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except RecursionError:
+            return "captions.jsonl line is nested too deeply"
+        except ValueError:  # JSONDecodeError, and integers over Python's digit limit
             return "captions.jsonl line is not JSON"
         if not isinstance(rec, dict):
             return "captions.jsonl line is not a JSON object"
-        file, caption = rec.get("file"), rec.get("caption")
-        if file is not None and not isinstance(file, str) or caption is not None and not isinstance(caption, str):
-            return "captions.jsonl record with a non-string file or caption"
+        file = rec.get("file")
+        if file is not None and not isinstance(file, str):
+            return "file name is not a string"
+        try:
+            caption = text_lib.clean_field(rec.get("caption"), "caption")
+        except text_lib.BadText as e:
+            return e.reason
         file = file or None
-        caption = caption if caption and caption.strip() else None
         if file is not None:
-            full = os.path.normpath(os.path.join(self.path, file))
-            if os.path.isabs(file) or not full.startswith(self.path + os.sep):
-                return "file outside the image folder"
+            reason = _unsafe_name(self.path, file)
+            if reason:
+                return reason
         if file is None and caption is None:
             return "empty document (no file, no caption)"
         return file, caption
@@ -153,20 +166,53 @@ class ImageFolderSource:
         image = None
         if file is not None:
             try:
-                image = images_lib.load_image(os.path.join(self.path, file), self.resolution, name=file)
+                image = images_lib.load_image(os.path.join(self.path, file), self.resolution, name=file,
+                                              max_pixels=self.max_pixels)
             except images_lib.BadImageError as e:
                 raise SkippedDocument(index, e.reason, str(e)) from None
         return {"id": np.int64(line_no), "text": caption, "image": image}
 
 
-def open_source(spec: str, resolution: Optional[int] = None):
+def _bounded_lines(path: str, limit: int):
+    """The lines of a file as bytes (newline dropped), None for a line over
+    `limit` bytes, which is skipped without being held in memory."""
+    with open(path, "rb") as f:
+        while True:
+            line = f.readline(limit + 1)
+            if not line:
+                return
+            if len(line) > limit and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # drain the rest of the line
+                    line = f.readline(2**20)
+                yield None
+                continue
+            yield line.rstrip(b"\n")
+
+
+def _unsafe_name(folder: str, file: str) -> Optional[str]:
+    """Why `file` may not be read as a path below `folder`, or None."""
+    try:
+        os.fsencode(file)  # a name made of undecodable bytes is fine; other lone surrogates are not
+    except UnicodeError:
+        return "file name is not a valid path"
+    if "\0" in file:
+        return "file name is not a valid path"
+    full = os.path.normpath(os.path.join(folder, file))
+    if os.path.isabs(file) or not full.startswith(folder.rstrip(os.sep) + os.sep):
+        return "file outside the image folder"
+    return None
+
+
+def open_source(spec: str, resolution: Optional[int] = None, max_pixels: Optional[int] = None):
     """The document source a spec names (see the module docstring).
     `resolution` overrides the source's image side (shapes: 64, image
-    folders: 256)."""
+    folders: 256); `max_pixels` the image size budget of the sources that
+    decode files (`images.MAX_PIXELS` by default)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"unknown source spec {spec!r}: expected one of {SPEC_HELP}")
     kind, _, rest = spec.partition(":")
     extra = {} if resolution is None else {"resolution": int(resolution)}
+    budget = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
     if kind == "shapes":
         parts = rest.split(":")
         if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
@@ -179,7 +225,7 @@ def open_source(spec: str, resolution: Optional[int] = None):
     if kind == "image_folder":
         if not rest:
             raise ValueError(f"bad source spec {spec!r}: expected image_folder:PATH")
-        return ImageFolderSource(rest, **extra)
+        return ImageFolderSource(rest, **extra, **budget)
     if kind in ("webdataset", "tfds", "prepared"):  # implemented with data preparation
         if kind == "prepared":
             from cm3leon_jax.data import prepared
@@ -187,5 +233,6 @@ def open_source(spec: str, resolution: Optional[int] = None):
             return prepared.open_prepared(rest)
         from cm3leon_jax.data import corpus_sources
 
-        return (corpus_sources.open_webdataset if kind == "webdataset" else corpus_sources.open_tfds)(rest, resolution)
+        return (corpus_sources.open_webdataset if kind == "webdataset" else corpus_sources.open_tfds)(
+            rest, resolution, max_pixels)
     raise ValueError(f"unknown source kind {kind!r} in {spec!r}: expected one of {SPEC_HELP}")

@@ -78,7 +78,7 @@ def test_image_folder_records_and_skips(tmp_path):
     assert src.skipped == {"blank line in captions.jsonl": 1, "captions.jsonl line is not JSON": 1,
                            "captions.jsonl line is not a JSON object": 1,
                            "empty document (no file, no caption)": 1, "file outside the image folder": 1,
-                           "captions.jsonl record with a non-string file or caption": 1}
+                           "file name is not a string": 1}
     assert len(src) == 8
     ex = shapes.generate_example(1, 1, 32)
     doc = src[1]
