@@ -150,6 +150,9 @@ def _add_prepare(sub):
     p.add_argument("--batch_size", type=int, default=32, help="documents per jitted encode call")
     p.add_argument("--keep_single_modality", action="store_true",
                    help="keep documents with only a caption or only an image (default: skip them)")
+    p.add_argument("--max_image_pixels", type=int, default=None,
+                   help="images over this many pixels (width x height) are skipped as 'too large' from "
+                        "their header, never decoded (default 8192 x 8192 = 67108864)")
     p.add_argument("--runner", default="DirectRunner", help="Apache Beam runner")
     p.add_argument("--beam_arg", action="append", default=[],
                    help="one more Beam pipeline option, e.g. --beam_arg=--direct_num_workers=2 (repeatable)")
@@ -464,7 +467,9 @@ def cmd_prepare(args, gin_bindings: List[str]) -> int:
                                max_text_tokens=args.max_text_tokens, records_per_shard=args.records_per_shard,
                                resolution=args.resolution, batch_size=args.batch_size,
                                require_both=not args.keep_single_modality, runner=args.runner,
-                               pipeline_args=args.beam_arg, progress=not args.no_progress)
+                               pipeline_args=args.beam_arg, progress=not args.no_progress,
+                               **({} if args.max_image_pixels is None else
+                                  {"max_image_pixels": args.max_image_pixels}))
 
     return _run_resumable(job, "shards")
 
@@ -489,12 +494,17 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
     import os
 
     try:
+        from cm3leon_jax.data import text as text_lib
+
         prompts = []
-        if args.prompt is not None and args.image is None:
-            prompts.append(args.prompt)
+        if args.prompt is not None:
+            args.prompt = text_lib.strict_text(args.prompt, "--prompt").strip()
+            if args.image is None:
+                if not args.prompt:
+                    raise ValueError("--prompt is empty: give the text to generate an image for")
+                prompts.append(args.prompt)
         if args.prompts_file:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            prompts += text_lib.read_prompts(args.prompts_file)
         if args.image is None and not prompts:
             raise ValueError("nothing to generate: give --prompt, --prompts_file or --image")
         if args.num_samples < 1:

@@ -120,3 +120,22 @@ def strict_text(value, where: str, max_chars: int = MAX_TEXT_CHARS) -> str:
                          f"{value[max(0, m.start() - 20):m.start()]!r}...): check the terminal's or the file's "
                          "encoding and save it as UTF-8")
     return clean_text(value, max_chars)
+
+
+def read_prompts(path: str, max_chars: int = MAX_TEXT_CHARS) -> list:
+    """The prompts of a file, one a line (blank lines skipped), each cleaned
+    by `clean_text` and stripped. A line that is not UTF-8 is an error naming
+    the file, the line and the byte, since a prompt the program had to guess
+    at would give images of something else."""
+    prompts = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"prompts file {path}, line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                                 f"at column {e.start + 1}): save the file as UTF-8") from None
+            line = clean_text(line, max_chars).strip()
+            if line:
+                prompts.append(line)
+    return prompts

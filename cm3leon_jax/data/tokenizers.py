@@ -41,6 +41,7 @@ import seqio
 import tensorflow as tf
 
 from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.data import text as text_lib
 
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
@@ -64,7 +65,9 @@ def iter_documents(path: str, stats: Optional[dict] = None) -> Iterator[str]:
     """Documents of one corpus file: a plain-text file holds one document a
     line (blank lines skipped); a `.jsonl` file one JSON object a line whose
     "caption" string is the document (records without one are counted in
-    `stats["skipped"]` and skipped). `.gz` files are read through gzip."""
+    `stats["skipped"]` and skipped). `.gz` files are read through gzip. Text
+    is cleaned as at ingestion (`data.text`: lone surrogates -> U+FFFD,
+    control characters removed)."""
     stats = stats if stats is not None else {}
     stats.setdefault("documents", 0)
     stats.setdefault("skipped", 0)
@@ -80,13 +83,21 @@ def iter_documents(path: str, stats: Optional[dict] = None) -> Iterator[str]:
                 if jsonl:
                     try:
                         record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                    caption = record.get("caption") if isinstance(record, dict) else None
-                    if not isinstance(caption, str) or not caption:
+                    except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, too deep
+                        raise ValueError(f"{path}:{lineno}: invalid JSON ({type(e).__name__}: "
+                                         f"{str(e)[:200]})") from None
+                    try:
+                        caption = text_lib.clean_field(record.get("caption") if isinstance(record, dict) else None)
+                    except text_lib.BadText:
+                        caption = None
+                    if caption is None:
                         stats["skipped"] += 1
                         continue
                     line = caption
+                else:
+                    line = text_lib.clean_text(line)
+                    if not line.strip():
+                        continue
                 stats["documents"] += 1
                 yield line
     except UnicodeDecodeError as e:
@@ -234,6 +245,17 @@ def train_text_main(input_files, vocab_size, out_dir, min_frequency: int = 2) ->
 
 # -- text ----------------------------------------------------------------------
 
+def _check_encodable(text: str, what: str) -> None:
+    """The BPE (Rust) takes only valid Unicode; say which text is not,
+    instead of its `TypeError: TextInputSequence must be str`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds a lone surrogate {text[e.start]!r} at character {e.start} "
+                         f"({text[max(0, e.start - 20):e.start]!r}...): not Unicode text; clean it with "
+                         "cm3leon_jax.data.text.clean_text") from None
+
+
 def _tokenizer_file(path: str) -> str:
     path = os.fspath(path)
     return os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
@@ -296,18 +318,24 @@ class TextTokenizer:
         return (ids + self.vocabulary.text_start).astype(np.int32)
 
     def encode(self, text: str) -> np.ndarray:
-        """Unified ids (int32) of `text`; all of them text ids. "" -> []."""
+        """Unified ids (int32) of `text`; all of them text ids. "" -> [].
+
+        Raises TypeError for a non-str and ValueError for a str that is not
+        Unicode text (a lone surrogate: clean it first with
+        `data.text.clean_text`, as every source does at ingestion)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         if not text:
             return np.zeros([0], np.int32)
+        _check_encodable(text, "encode's text")
         return self._to_unified(self._tok.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Iterable[str]) -> list[np.ndarray]:
         texts = list(texts)
-        for t in texts:
+        for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise TypeError(f"encode_batch takes strs, got {type(t).__name__}")
+                raise TypeError(f"encode_batch takes strs, got {type(t).__name__} at position {i}")
+            _check_encodable(t, f"encode_batch's text {i}")
         encs = self._tok.encode_batch(texts, add_special_tokens=False) if texts else []
         return [self._to_unified(e.ids) for e in encs]
 
@@ -399,8 +427,9 @@ class CM3TextVocabulary(_UnifiedSpaceVocabulary):
 
     # numpy bodies of the TF ops
     def _encode_flat_np(self, strings):
+        # TF strings are bytes, not necessarily UTF-8: bad bytes become U+FFFD (data/text.py's policy)
         rows = self.tokenizer.encode_batch(
-            [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in strings.reshape(-1)])
+            [text_lib.decode_utf8(s)[0] if isinstance(s, bytes) else str(s) for s in strings.reshape(-1)])
         lengths = np.array([len(r) for r in rows], np.int64)
         flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros([0], np.int32)
         return flat, lengths
