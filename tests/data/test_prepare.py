@@ -354,3 +354,45 @@ def test_cli_bad_inputs_exit_2_with_one_line(case, models, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
     assert proc.stdout == ""
+
+
+def test_bad_input_in_an_image_folder_loses_nothing(models, tmp_path):
+    """Issue 26's acceptance test: a captions.jsonl line whose caption holds a
+    lone surrogate (valid JSON), a 20000 x 20000 PNG, a path out of the
+    folder, a non-string caption and control characters: the run finishes,
+    keeps every good record once, counts each bad one under its reason, and
+    a rerun adds nothing."""
+    from image_bombs import png_bomb
+
+    rows = _rows()
+    d = tmp_path / "pairs"
+    os.makedirs(d)
+    for name, data, _ in rows[:3]:
+        (d / name).write_bytes(data)
+    (d / "big.png").write_bytes(png_bomb(20000, 20000))
+    lines = [json.dumps({"file": name, "caption": caption}) for name, _, caption in rows[:3]] + [
+        '{"file": "00001.png", "caption": "abc \\udcff"}',               # 3: kept, U+FFFD
+        json.dumps({"file": "big.png", "caption": "a huge image"}),     # 4: too large
+        json.dumps({"file": "../../etc/passwd", "caption": "x"}),       # 5: never read
+        json.dumps({"file": "00002.jpg", "caption": 42}),               # 6: not a string
+        json.dumps({"file": "00000.png", "caption": "a\x00 red\x1b circle\r\n"}),  # 7: kept, cleaned
+    ]
+    (d / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "prepared")
+    kw = dict(max_text_tokens=MAX_TOKENS, records_per_shard=PER_SHARD, progress=False)
+    first = prepare.prepare(f"image_folder:{d}", out, **models, **kw)
+    skipped = {"too large": 1, "file outside the image folder": 1, "caption is not a string": 1}
+    assert first["written"] == 5 and first["skipped"] == skipped and first["new_records"] == 5
+    mtimes = _mtimes(out)
+    second = prepare.prepare(f"image_folder:{d}", out, **models, **kw)
+    assert second["written"] == 5 and second["new_records"] == 0 and second["skipped"] == skipped
+    assert _mtimes(out) == mtimes
+    ds = prepared.PreparedDataset(out)
+    # the document id is the line number: 4 (too large), 5 and 6 are skipped
+    assert ds.ids.tolist() == [0, 1, 2, 3, 7]
+    assert ds.by_id(3)["caption"] == "abc \ufffd" and ds.by_id(7)["caption"] == "a red circle\n"
+    tok = TextTokenizer(models["text_tokenizer"], ds.vocabulary)
+    np.testing.assert_array_equal(ds.by_id(3)["text_ids"], tok.encode("abc \ufffd")[:MAX_TOKENS])
+    man = json.load(open(os.path.join(out, prepare.MANIFEST_FILE)))
+    assert [r for _, r, _ in man["skipped_examples"]] == ["too large"]
+    assert "20000x20000" in man["skipped_examples"][0][2]
