@@ -8,11 +8,13 @@ the same answer (so a rerun of prepare has nothing to add). Each test prints
 how many examples it tried (pytest -s)."""
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -278,6 +280,7 @@ def _tfds_source():
     import tensorflow_datasets as tfds
 
     d = tempfile.mkdtemp(prefix="cm3_tfds_fuzz_")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
                                            "caption": tfds.features.Text(), "label": tfds.features.Scalar(np.int64)})
     tfds.dataset_builders.store_as_tfds_dataset(
