@@ -1,11 +1,26 @@
 """Orbax checkpoints: async saves every N steps keeping K, the input
 iterator's state saved beside the train state, restore from the latest
 *good* checkpoint (a corrupt one is moved aside with a warning, never
-deleted)."""
+deleted).
+
+A save that the disk refuses (no space, quota, I/O error, read-only) raises
+`CheckpointWriteError`, one line naming the step, the directory, the cause
+and the step a rerun resumes from, wherever Orbax surfaces it: in `save`, or
+for an async save at the next `save`, `wait` or `close`. Orbax writes a step
+into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once its arrays
+are written (on GCS: `commit_success.txt` last), so a half-written step is
+not listed as a checkpoint; its leftovers are removed when the next run opens
+the directory (`cleanup_tmp_directories`). A step that was committed before a
+late write of it failed (Orbax's step metadata) is renamed
+`<step>.write-failed-<time>`, so the resume point is the step before it."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import sys
+import threading
 import time
 from typing import Any, Optional, Tuple
 
@@ -25,6 +40,101 @@ class CheckpointCorruptError(RuntimeError):
     pass
 
 
+class CheckpointWriteError(RuntimeError):
+    """The file system refused a checkpoint write; the checkpoints before it
+    are untouched."""
+
+    def __init__(self, step: int, directory, cause: str, last_good: Optional[int], errno_: Optional[int]):
+        self.step, self.directory, self.cause, self.last_good = step, str(directory), cause, last_good
+        fix = "free space and rerun" if errno_ in (errno.ENOSPC, errno.EDQUOT) else "fix the file system and rerun"
+        resume = (f"training resumes from step {last_good}" if last_good is not None
+                  else "no checkpoint was written yet, training starts again from step 0")
+        super().__init__(f"cannot write checkpoint step {step} to {self.directory}: {cause}; {fix}: {resume}")
+
+
+# tensorstore reports an OS error as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
+_TS_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Input/output error", "Read-only file system")
+
+
+def disk_fault(e: BaseException) -> Optional[Tuple[str, Optional[int]]]:
+    """(cause, errno) when `e` or an exception it was raised from is a file
+    system error (an OSError, or tensorstore's ValueError carrying an OS
+    error code); None for anything else (a bug, which keeps its traceback)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return f"[Errno {e.errno}] {e.strerror or os.strerror(e.errno)}", e.errno
+        m = _TS_OS_ERROR.search(str(e))
+        if m:
+            code = int(m.group(1))
+            return f"[Errno {code}] {os.strerror(code)}", code
+        if any(w in str(e) for w in _DISK_WORDS):
+            return str(e).splitlines()[0][:300], None
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# What the background work of a failed save reports as it is abandoned: its
+# tensorstore writes complete after Orbax closed their event loop.
+_ABANDONED = ("Event loop is closed", "cannot schedule new futures after")
+
+
+class _QuietDiskFaults(logging.Filter):
+    """Drops Orbax's own log records of a disk fault (each background thread
+    logs the same error with a traceback); the trainer reports it once, as a
+    `CheckpointWriteError`."""
+
+    after_fault = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += " " + str(record.exc_info[1])
+            if disk_fault(record.exc_info[1]) is not None:
+                return False
+        if self.after_fault and any(w in text for w in _ABANDONED):
+            return False
+        return not (_TS_OS_ERROR.search(text) or any(w in text for w in _DISK_WORDS))
+
+
+_QUIET = _QuietDiskFaults()
+
+
+def _quiet_abandoned_writes():
+    """After a failed save: tensorstore reports (as an unraisable exception)
+    each abandoned write's callback that finds its event loop closed; those
+    tracebacks say nothing the one-line error does not."""
+    _QUIET.after_fault = True
+    previous = sys.unraisablehook
+    if getattr(previous, "_cm3leon_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and any(w in str(unraisable.exc_value)
+                                                                    for w in _ABANDONED):
+            return
+        previous(unraisable)
+
+    hook._cm3leon_quiet = True
+    sys.unraisablehook = hook
+
+
+def _join_orbax_threads(timeout: float = 120.0):
+    """Waits (at most `timeout` s) for Orbax's background threads, which a
+    failed save leaves running, so none is cut off at interpreter exit."""
+    deadline = time.time() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+            try:
+                t.join(max(0.0, deadline - time.time()))
+            except Exception:  # noqa: BLE001 - Orbax's threads re-raise their error on join: reported already
+                pass
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` with two items per step:
     `state` (the sharded TrainState, StandardSave) and `data` (the input
@@ -36,7 +146,13 @@ class Checkpointer:
         self.save_every = save_every
         self.keep = keep
         self.async_save = async_save
+        for name in ("absl", "orbax"):
+            if _QUIET not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET)
         self._mgr = self._make_manager()
+        self._pending: Optional[int] = None  # submitted, not yet known to be on disk
+        self._failed: Optional[CheckpointWriteError] = None
+        self.last_written = self.latest_step()
 
     def _make_manager(self):
         options = ocp.CheckpointManagerOptions(
@@ -44,21 +160,79 @@ class Checkpointer:
             save_interval_steps=self.save_every,
             enable_async_checkpointing=self.async_save,
             create=True,
+            # a step left half-written by a failed or killed save
+            cleanup_tmp_directories=True,
         )
         return ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
     # -- saving --------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+        """Starts saving `step` (async: returns once the arrays are copied).
+        CheckpointWriteError if this save, or an earlier async one, could not
+        be written."""
+        self._settle()
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                      DATA: ocp.args.JsonSave(data_state)})
-        return self._mgr.save(step, args=args, force=force)
+        try:
+            saved = self._mgr.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 - only disk faults are turned into one line
+            self._fail(step, e)
+        if saved:
+            self._pending = step
+            if not self.async_save:
+                self._settle()
+        return saved
 
     def wait(self):
-        self._mgr.wait_until_finished()
+        self._settle()
 
     def close(self):
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        """Waits for the last save; CheckpointWriteError if it failed. Orbax's
+        resources are released either way."""
+        try:
+            self._settle()
+        finally:
+            try:
+                self._mgr.close()
+            except Exception:  # noqa: BLE001 - the failure is reported once, by _settle
+                if self._failed is None:
+                    raise
+            if self._failed is not None:
+                _join_orbax_threads()
+                self._set_aside(self._failed.step)  # its background commit may have finished since
+
+    def _settle(self):
+        if self._failed is not None:
+            raise self._failed
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._fail(step, e)
+        self._mgr.reload()
+        if step not in self._mgr.all_steps():
+            # Orbax logs (and does not raise) some failures of its final commit
+            self._fail(step, OSError(errno.EIO, "the step was not committed (Orbax's log above says why)"))
+        self.last_written = step
+
+    def _fail(self, step: int, e: BaseException):
+        fault = disk_fault(e)
+        if fault is None:
+            raise e
+        self._failed = CheckpointWriteError(step, self.directory, fault[0], self.last_written, fault[1])
+        _quiet_abandoned_writes()
+        log.debug("checkpoint write failed", exc_info=e)
+        self._set_aside(step)
+        raise self._failed from None
+
+    def _set_aside(self, step: int):
+        # Orbax may commit a step before a late write of it (its step
+        # metadata) fails: a step whose write failed is never a resume point.
+        src = self.directory / str(step)
+        if jax.process_index() == 0 and src.exists():
+            src.rename(self.directory / f"{step}.write-failed-{int(time.time())}")
 
     # -- restoring -------------------------------------------------------------
     def all_steps(self):
@@ -100,6 +274,7 @@ class Checkpointer:
         if moved:
             self._mgr.close()
             self._mgr = self._make_manager()
+        self.last_written = result[0] if result else None
         return result
 
     def _move_aside(self, step: int) -> epath.Path:

@@ -58,7 +58,8 @@ def run_steps(*, state: Any, start_step: int, train_steps: int, make_batch: Call
     `what` names the model in the non-finite-loss error and `lr_binding` the
     gin binding to lower. Checkpoints record the examples consumed. The
     checkpointer and writer are closed / flushed on the way out, whatever
-    happens."""
+    happens; a checkpoint the disk refused stops the loop with
+    `checkpoints.CheckpointWriteError`."""
     progress = metrics_lib.Progress(train_steps, start_step)
     clock = metrics_lib.Throughput(examples_per_step, 0.0, 0.0, 1)
     step = start_step
@@ -79,6 +80,8 @@ def run_steps(*, state: Any, start_step: int, train_steps: int, make_batch: Call
             if step % checkpoint_every == 0 or step == train_steps:
                 ckpt.save(step, state, {"examples_consumed": step * examples_per_step}, force=True)
     finally:
-        ckpt.close()
-        writer.flush()
+        try:
+            ckpt.close()  # CheckpointWriteError when the last save could not be written
+        finally:
+            writer.flush()
     return state, step
