@@ -325,9 +325,25 @@ def cmd_train(args, gin_bindings: List[str]) -> int:
     model_dir = gin.query_parameter("MODEL_DIR/macro.value") if not args.model_dir else args.model_dir
     task = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
     pipeline.check_task_name(task)  # unknown task names fail before any work
-    gin_utils.write_config(model_dir)
-    result = trainer.train()
-    print(json.dumps({k: v for k, v in result.items()}), flush=True)
+    return run_trainer(model_dir, trainer.train)
+
+
+def run_trainer(model_dir: str, train_fn) -> int:
+    """Writes config.gin and runs `train_fn()` holding `model_dir`'s writer
+    lock, then prints its JSON report: exit 0. Another live writer of the dir,
+    or a checkpoint the disk refused, is one line on stderr, exit 1 (the
+    checkpoints written before it are kept; a rerun resumes from them)."""
+    from cm3leon_jax import model_dir_lock
+    from cm3leon_jax.train import checkpoints
+
+    try:
+        with model_dir_lock.hold(model_dir):
+            gin_utils.write_config(model_dir)
+            result = train_fn()
+    except (model_dir_lock.ModelDirLockedError, checkpoints.CheckpointWriteError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)  # without gin's "In call to"
+        return 1
+    print(json.dumps(result), flush=True)
     return 0
 
 
@@ -387,10 +403,7 @@ def cmd_tokenizer_train_image(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.train import vqgan_trainer
 
     model_dir = args.model_dir or gin.query_parameter("MODEL_DIR/macro.value")
-    gin_utils.write_config(model_dir)
-    result = vqgan_trainer.train_vqgan()
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_trainer(model_dir, vqgan_trainer.train_vqgan)
 
 
 def cmd_tokenizer_train_text(args, gin_bindings: List[str]) -> int:
@@ -574,10 +587,7 @@ def cmd_clip_train(args, gin_bindings: List[str]) -> int:
     from cm3leon_jax.train import clip_trainer
 
     model_dir = args.model_dir or gin.query_parameter("MODEL_DIR/macro.value")
-    gin_utils.write_config(model_dir)
-    result = clip_trainer.train_clip()
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_trainer(model_dir, clip_trainer.train_clip)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -60,6 +60,13 @@ def makedirs(path) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def remove(path) -> None:
+    if is_url(path):
+        _gfile().remove(path)
+    else:
+        os.remove(path)
+
+
 def open(path, mode: str = "r", encoding: Optional[str] = None):  # noqa: A001 - mirrors builtins.open
     """builtins.open for a local path; tf.io.gfile.GFile (UTF-8 text) for a
     URL. Modes r, w, a (+ b)."""

@@ -77,7 +77,7 @@ def architecture_bindings(config_path: str) -> List[str]:
 
 
 def cmd_finetune(args, gin_bindings: List[str]) -> int:
-    from cm3leon_jax.cli import TRAIN_DATA_MODULES, _input_error
+    from cm3leon_jax.cli import TRAIN_DATA_MODULES, _input_error, run_trainer
 
     config = find_config(args.init_checkpoint)
     if not paths_lib.exists(args.init_checkpoint):
@@ -110,15 +110,12 @@ def cmd_finetune(args, gin_bindings: List[str]) -> int:
         pipeline.check_not_empty(task)
     except ValueError as e:
         return _input_error(e)
-    gin_utils.write_config(model_dir)
     try:
-        result = trainer.train()
+        return run_trainer(model_dir, trainer.train)
     except ValueError as e:
         if "init checkpoint" in str(e) or "init_checkpoint" in str(e):
             return _input_error(e)
         raise
-    print(json.dumps(result), flush=True)
-    return 0
 
 
 def add_sft(sub) -> None:

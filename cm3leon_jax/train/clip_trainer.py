@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cm3leon_jax import model_dir_lock
 from cm3leon_jax.models import clip_convert
 from cm3leon_jax.models.clip import (CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEXT_TOKENIZER_SUBDIR,
                                      CLIPConfig, CLIPTextTokenizer, l2_normalize, tiny_config)
@@ -459,6 +460,7 @@ def load_clip_model_dir(model_dir: str):
 
 
 @gin.configurable
+@model_dir_lock.writes_model_dir
 def train_clip(*,
                model_dir: str = gin.REQUIRED,
                train_steps: int = gin.REQUIRED,

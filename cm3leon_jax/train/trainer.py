@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from cm3leon_jax import distributed as distributed_lib
+from cm3leon_jax import model_dir_lock
 from cm3leon_jax import partitioning
 from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.models.decoder import Decoder, DecoderConfig
@@ -123,6 +124,7 @@ class _Preemption:
 
 
 @gin.configurable
+@model_dir_lock.writes_model_dir(before=distributed_lib.initialize_distributed)
 def train(*,
           model_dir: str = gin.REQUIRED,
           mixture_or_task_name: str = gin.REQUIRED,
@@ -283,9 +285,11 @@ def train(*,
         finally:
             if hashes is not None:
                 hashes.close()
-            ckpt.close()
-            writer.flush()
-            writer.close()
+            try:
+                ckpt.close()  # CheckpointWriteError when the last save could not be written
+            finally:
+                writer.flush()
+                writer.close()
     return dict(last, step=step, preempted=preempt.requested)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cm3leon_jax import model_dir_lock
 from cm3leon_jax.data.images import from_model_range, to_model_range
 from cm3leon_jax.models import lpips as lpips_lib
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
@@ -249,6 +250,7 @@ def make_vq_train_step(model: VQGAN, tx, disc: Optional[PatchDiscriminator], dis
 
 
 @gin.configurable
+@model_dir_lock.writes_model_dir
 def train_vqgan(*,
                 model_dir: str = gin.REQUIRED,
                 train_steps: int = gin.REQUIRED,
