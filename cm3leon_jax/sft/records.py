@@ -60,13 +60,13 @@ def read_jsonl(path: str) -> Iterator[dict]:
     A line that is not a JSON object is yielded as {"_bad_line": n} so the
     preparation counts it."""
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes: U+FFFD (data/text.py's policy)
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, an integer of > 4300 digits, nested too deep
                 yield {"_bad_line": n}
                 continue
             if not isinstance(rec, dict):
@@ -158,8 +158,8 @@ def _check(rec: dict):
     family = rec.get("task")
     if family not in fmt.FAMILIES:
         raise _Skip("unknown task family")
-    instruction = rec.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
+    instruction = _text(rec.get("instruction"), "instruction")
+    if not instruction:
         raise _Skip("empty instruction")
     want_in, want_out = fmt.FAMILIES[family]
     has_in = rec.get("input_image") is not None
@@ -169,10 +169,22 @@ def _check(rec: dict):
         if rec.get("output_image") is None:
             raise _Skip("wrong modality")
         return family, instruction, None
-    text = rec.get("output_text")
-    if not isinstance(text, str) or not text.strip():
+    text = _text(rec.get("output_text"), "output text")
+    if not text:
         raise _Skip("empty output")
     return family, instruction, text
+
+
+def _text(value, what: str):
+    """The cleaned text of a record's field (data/text.py: lone surrogates ->
+    U+FFFD, control characters removed), None when blank; a field that is
+    not text is skipped under its reason ("instruction is not a string")."""
+    from cm3leon_jax.data import text as text_lib
+
+    try:
+        return text_lib.clean_field(value, what)
+    except text_lib.BadText as e:
+        raise _Skip(e.reason) from None
 
 
 def prepare_sft(records: Union[str, Iterable[dict]], out_dir: str, vqgan_dir: str, text_tokenizer: str, *,
@@ -243,7 +255,8 @@ def prepare_sft(records: Union[str, Iterable[dict]], out_dir: str, vqgan_dir: st
                 skipped["over-long"] += 1
                 continue
             w = writer(family)
-            w.write(_example(instr, inp, out, family, str(rec.get("id", "")), rec.get("meta")))
+            rid = _text(str(rec.get("id", "")), "id") or ""
+            w.write(_example(instr, inp, out, family, rid, rec.get("meta")))
             written[family] += 1
             counts[family] += 1
             longest[family][0] = max(longest[family][0], len(inputs))
@@ -255,8 +268,8 @@ def prepare_sft(records: Union[str, Iterable[dict]], out_dir: str, vqgan_dir: st
     for rec in records:
         bar.update()
         try:
-            family, _, text = _check(rec)
-            batch.append((rec, family, None, text))
+            family, instruction, text = _check(rec)
+            batch.append((dict(rec, instruction=instruction), family, None, text))
         except _Skip as s:
             skipped[s.reason] += 1
             continue

@@ -91,3 +91,29 @@ def test_prepare_counts_bad_records_and_keeps_the_good(tokenizers, tmp_path):
     assert rec["meta"] == {"answer": "red"} and rec["id"] == "a"
     (edit,) = records.read_examples(str(tmp_path / "out"), "editing", "train")
     assert np.array_equal(edit["input"], edit["output"])  # the same image in and out: the same codes
+
+
+def test_prepare_cleans_text_and_survives_any_line(tokenizers, tmp_path):
+    """Issue 26: a lone surrogate (valid JSON) in an instruction, control
+    characters, a non-string output, non-UTF-8 bytes and JSON Python cannot
+    read lose nothing: each good record is kept with its text cleaned, each
+    bad one counted."""
+    vq, bpe = tokenizers
+    Image.fromarray(shapes.generate_example(0, 0, 32).image).save(tmp_path / "img.png")
+    good = {"id": "a", "task": "vqa", "instruction": "what colour \udcff is it?\x07", "input_image": "img.png",
+            "output_text": "red", "meta": {"answer": "red"}}
+    lines = [json.dumps(good).encode(),
+             json.dumps(dict(good, id="b\udcff", output_text=["red"])).encode(),
+             b'{"id": "c", "task": "vqa", "instruction": "caf\xe9?", "input_image": "img.png", "output_text": "x"}',
+             b"[" * 100_000, b'{"id": ' + b"9" * 5000 + b"}"]
+    src = tmp_path / "instructions.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    entry = records.prepare_sft(str(src), str(tmp_path / "out"), vq, bpe, progress=False)
+    assert entry["count"] == 2
+    assert entry["skipped"] == {"output text is not a string": 1, "not a JSON object": 2}
+    man = records.read_manifest(str(tmp_path / "out"))
+    from cm3leon_jax.data.tokenizers import TextTokenizer
+
+    text = TextTokenizer(bpe, vocab_lib.UnifiedVocabulary(**man["vocabulary"]))
+    got = sorted(text.decode(r["instruction"]) for r in records.read_examples(str(tmp_path / "out"), "vqa", "train"))
+    assert got == ["caf\ufffd?", "what colour \ufffd is it?"]
