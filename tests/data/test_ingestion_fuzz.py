@@ -212,7 +212,8 @@ def shards(draw):
         key = f"{j:05d}"
         kind = draw(st.sampled_from(["good", "junk_text", "text_only", "image_only", "bomb", "odd_names"]))
         if kind in ("good", "junk_text", "text_only"):
-            data = draw(any_text).encode("utf-8", "surrogatepass") if kind != "junk_text" else draw(st.binary(max_size=60))
+            data = (draw(st.binary(max_size=60)) if kind == "junk_text"
+                    else draw(any_text).encode("utf-8", "surrogatepass"))  # surrogates as raw bytes too
             text, reason = _expect_caption(data)
             has_image = kind != "text_only"
             if has_image:

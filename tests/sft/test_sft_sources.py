@@ -226,7 +226,8 @@ def test_fuzz_instructpix2pix(tmp_path_factory):
                                               ).map(list))
 
     @FUZZ
-    @given(st.lists(seeds_entries, max_size=4), st.one_of(junk, st.fixed_dictionaries({"edit": st.one_of(any_text, junk)})))
+    @given(st.lists(seeds_entries, max_size=4),
+           st.one_of(junk, st.fixed_dictionaries({"edit": st.one_of(any_text, junk)})))
     def run(seeds, prompt):
         tried[0] += 1
         with tempfile.TemporaryDirectory() as tmp:
