@@ -114,11 +114,13 @@ def _judge(path: str, raw: bytes) -> bool:
     if not holder:
         # A holder writes its record right after the exclusive create: an
         # empty file a few seconds old is a process that died in between.
+        if paths_lib.is_url(path):
+            return True
         try:
             age = time.time() - os.stat(path).st_mtime
         except OSError:
             age = 0.0
-        if paths_lib.is_url(path) or age > 5.0:
+        if age > 5.0:
             return True
         raise ModelDirLockedError(f"{os.path.dirname(path)} is being locked by another process right now "
                                   f"({path} is still empty); wait and retry")

@@ -133,3 +133,17 @@ def test_cli_refuses_with_one_line_and_exit_1(tmp_path, command):
     assert f"is being written by pid {live} on host {socket.gethostname()}" in errors[0]
     assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == [lock_lib.LOCK_FILE]  # not even config.gin was written
+
+
+def test_a_url_model_dir_is_locked_by_write_and_read_back():
+    tf = pytest.importorskip("tensorflow")
+    url = f"ram://locks/run-{os.getpid()}"
+    path = lock_lib.acquire(url)
+    assert path == url + "/" + lock_lib.LOCK_FILE
+    assert json.loads(tf.io.gfile.GFile(path).read())["pid"] == os.getpid()
+    lock_lib.release(path)
+    assert not tf.io.gfile.exists(path)
+    with tf.io.gfile.GFile(path, "w") as f:  # a live writer's lock on the URL
+        f.write(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "x", "command": "y"}))
+    with pytest.raises(lock_lib.ModelDirLockedError, match=f"pid {os.getppid()}"):
+        lock_lib.acquire(url)
