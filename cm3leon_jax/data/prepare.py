@@ -48,7 +48,9 @@ and `--out` at the same paths (local here; a shared or GCS-fused file system
 on a cluster: the sources read local files only).
 
 Documents are skipped (and counted by reason) when the source raises
-`SkippedDocument` ("corrupt or truncated image", ...), and with
+`SkippedDocument` ("corrupt or truncated image", "too large": an image over
+`max_image_pixels`, refused from its header, ...; captions are cleaned by
+the sources, data/text.py), and with
 `require_both=True` (the default: a CM3 training document needs both halves)
 when the caption is empty ("empty caption") or the image is missing ("no
 image"). With `require_both=False` single-modality documents are kept (the

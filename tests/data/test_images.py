@@ -211,7 +211,7 @@ def test_fuzz_image_bytes():
             data = draw(st.binary(max_size=256))
         return data, damage, min(w, h)
 
-    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(images(), st.sampled_from([8, 16]))
     def run(case, resolution):
         tried[0] += 1

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from image_bombs import png_bomb  # noqa: E402
 
 RES = 16
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=40)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | any_text,
@@ -317,7 +317,7 @@ def test_fuzz_tfds_examples():
     dataset's schema gives), fed to a real source's reader."""
     src, tried = open_source(f"tfds:cm3_fuzz?data_dir={_tfds_source()}", resolution=RES), [0]
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=300, deadline=None)
     @given(st.dictionaries(st.sampled_from(["image", "caption"]),
                            st.one_of(pixel_arrays, st.none(), any_text, st.binary(max_size=20),
                                      st.lists(any_text, max_size=2), st.integers(), st.floats())))

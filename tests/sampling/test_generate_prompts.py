@@ -50,7 +50,7 @@ def test_fuzz_generate_prompts():
     d = tempfile.mkdtemp(prefix="cm3_prompts_")
     model_dir = os.path.join(d, "no_model")
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=30),
            st.one_of(st.none(), st.binary(max_size=60)))
     def run(prompt, file_bytes):

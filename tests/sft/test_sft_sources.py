@@ -115,7 +115,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from cm3leon_jax.data import text as text_lib  # noqa: E402
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 any_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=20)
 junk = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | any_text,
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
