@@ -9,12 +9,13 @@ centre-cropped. An animated image gives its first frame.
 Size policy: an image over `max_pixels` (width x height; `MAX_PIXELS` =
 8192 x 8192 by default, `cm3leon prepare --max_image_pixels`) is refused as
 "too large" from its header, before a pixel is decoded, so a decompression
-bomb (a few KB of PNG that decodes to gigabytes) costs nothing; decoding
-memory stays under about 8 bytes x `max_pixels` whatever the input. Pillow's
-own limit (2 x `PIL.Image.MAX_IMAGE_PIXELS`, 179M pixels) still refuses
-anything above it, whatever `max_pixels` says. Only the formats scrapers
-meet are identified (`FORMATS`): Pillow's exotic plugins are never run on
-untrusted bytes.
+bomb (a few KB of PNG that decodes to gigabytes) costs nothing; the memory
+of decoding and converting an accepted image is a small multiple of
+`max_pixels` (the decoded image and two or three converted copies),
+whatever the input. Pillow's own limit (2 x `PIL.Image.MAX_IMAGE_PIXELS`,
+179M pixels) still refuses anything above it, whatever `max_pixels` says.
+Only the formats scrapers meet are identified (`FORMATS`): Pillow's exotic
+plugins are never run on untrusted bytes.
 
 A corrupt, truncated, empty, degenerate or oversized file raises
 `BadImageError` naming the file; callers that loop over corpora catch it,
@@ -63,9 +64,12 @@ def _scale_to_8_bits(img: Image.Image) -> Image.Image:
         out = np.clip(np.nan_to_num(a.astype(np.float32) / top * 255.0 + 0.5), 0, 255)
         return Image.fromarray(out.astype(np.uint8), "L")
     top = 65535 if img.mode.startswith("I;16") or (a.size and int(a.max()) > 255) else 255
-    a = np.clip(a, 0, top).astype(np.int64 if a.dtype.itemsize > 2 else np.uint32)
-    # round(a / top * 255) exactly: (2 * 255 a + top) // (2 top)
-    return Image.fromarray(((a * 510 + top) // (2 * top)).astype(np.uint8), "L")
+    a = np.clip(a, 0, top).astype(np.uint32)
+    # round(a / top * 255) exactly: (2 * 255 a + top) // (2 top), in place (< 2^25: no overflow)
+    a *= 510
+    a += top
+    a //= 2 * top
+    return Image.fromarray(a.astype(np.uint8), "L")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -114,9 +118,9 @@ def load_image(source: Union[str, bytes, os.PathLike], resolution: int, name: st
     """Reads a file path or encoded bytes -> uint8 [resolution, resolution, 3].
 
     Raises BadImageError (naming `name`, or the path) with reason "missing
-    file", "not a regular file", "empty file", "too large" (over
-    `max_pixels`, or a file too big to hold an image within it), "too small"
-    or "corrupt or truncated image"."""
+    file", "not a regular file", "unreadable file", "empty file", "too large"
+    (over `max_pixels`, or a file too big to hold an image within it), "too
+    small" or "corrupt or truncated image"."""
     label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < MIN_SIDE ** 2:
         raise ValueError(f"max_pixels must be an integer >= {MIN_SIDE ** 2}, got {max_pixels!r}")
@@ -172,9 +176,10 @@ def _oriented(img: Image.Image) -> Image.Image:
     """The image as its EXIF orientation says to show it (unchanged when it
     has none, or EXIF too damaged to read)."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image without orientation
     except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are still good
-        return img
+        pass
+    return img
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
