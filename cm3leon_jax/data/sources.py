@@ -122,8 +122,11 @@ class ImageFolderSource:
         self.skipped: Dict[str, int] = {}
         self._records: List[tuple] = []  # (line number, file or None, caption or None)
         for line_no, line in enumerate(_bounded_lines(captions, MAX_LINE_BYTES)):
+            # Undecodable bytes stay as lone surrogates (surrogateescape): in a file
+            # name they are the bytes of the name on disk; in a caption
+            # text.clean_field replaces them and skips a caption made of them.
             rec = (f"captions.jsonl line over {MAX_LINE_BYTES // 2**20} MiB" if line is None
-                   else self._parse(line.decode("utf-8", errors="replace")))
+                   else self._parse(line.decode("utf-8", errors="surrogateescape")))
             if isinstance(rec, str):
                 self.skipped[rec] = self.skipped.get(rec, 0) + 1
             else:

@@ -3,6 +3,7 @@ written, every malformed record counted by reason, spec parsing errors."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,3 +106,19 @@ def test_image_folder_records_and_skips(tmp_path):
 def test_image_folder_without_captions_file(tmp_path):
     with pytest.raises(ValueError, match="has no captions.jsonl"):
         ImageFolderSource(str(tmp_path))
+
+
+def test_image_folder_bytes_that_are_not_utf8(tmp_path):
+    """A Latin-1 caption keeps its good characters (the bad byte -> U+FFFD);
+    a caption of binary junk is skipped; a Latin-1 file name names the file
+    whose name is those bytes."""
+    png = tmp_path / "x.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(png)
+    os.rename(png, os.fsencode(str(tmp_path)) + b"/caf\xe9.png")
+    (tmp_path / "captions.jsonl").write_bytes(
+        b'{"file": "caf\xe9.png", "caption": "un caf\xe9 au lait"}\n'
+        b'{"caption": "\xff\xfe\xfd\xfc\xfb"}\n')
+    src = open_source(f"image_folder:{tmp_path}", resolution=16)
+    assert len(src) == 1 and src.skipped == {"caption is not UTF-8 text": 1}
+    doc = src[0]
+    assert doc["text"] == "un caf\ufffd au lait" and tuple(doc["image"][0, 0]) == (1, 2, 3)
