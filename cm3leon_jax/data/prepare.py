@@ -232,7 +232,8 @@ def prepare_shard(cfg: dict, shard: dict) -> dict:
     from cm3leon_jax.retrieval import embed
 
     models = load_models(cfg["vqgan_dir"], cfg["text_tokenizer"], cfg["clip_dir"], cfg["batch_size"])
-    source = _open_source_cached(cfg["source"], cfg["resolution"], cfg.get("max_image_pixels", images_lib.MAX_PIXELS))
+    source = _open_source_cached(cfg["source"], cfg["resolution"],
+                                 cfg.get("max_image_pixels", images_lib.MAX_PIXELS))
     out_dir, k, num = cfg["out_dir"], int(shard["shard"]), int(shard["num_shards"])
     stem = shard_stem(k, num)
     final = os.path.join(out_dir, stem + RECORD_SUFFIX)
@@ -481,8 +482,8 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
     if kind not in sources_lib.SPEC_KINDS:
         sources_lib.open_source(spec)  # the standard "unknown source kind" error
     side = int(resolution) if resolution is not None else _vq_resolution(vqgan_dir)
-    # The source before the models: a bad spec fails before anything heavy loads.
-    # fresh: the files may have changed since
+    # The source before the models: a bad spec fails before anything heavy
+    # loads. Opened fresh: the files may have changed since.
     src = sources_lib.open_source(spec, resolution=side, max_pixels=int(max_image_pixels))
     n = len(src)
     if n == 0:
