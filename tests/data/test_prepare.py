@@ -330,14 +330,16 @@ def test_tfds_source_and_prepare_from_a_local_tfds_dataset(tmp_path, models):
     assert ds.ids.tolist() == [0, 2, 3] and ds.by_id(3)["caption"] == ex[3].caption
 
 
-@pytest.mark.parametrize("case", ["bad spec", "no shards", "missing vqgan", "missing tokenizer", "bad size"])
+@pytest.mark.parametrize("case", ["bad spec", "no shards", "missing vqgan", "missing tokenizer", "bad size",
+                                  "bad budget"])
 def test_cli_bad_inputs_exit_2_with_one_line(case, models, tmp_path):
     flags = dict(models)
     source, extra = f"image_folder:{tmp_path}", []
     match = {"bad spec": "unknown source kind 'nope'", "no shards": "no tar shards match",
              "missing vqgan": "--vqgan_dir '/no/such/vq' does not exist",
              "missing tokenizer": "--text_tokenizer '/no/such/bpe' does not exist",
-             "bad size": "--max_text_tokens must be an integer >= 1"}[case]
+             "bad size": "--max_text_tokens must be an integer >= 1",
+             "bad budget": "--max_image_pixels must be an integer >= 64, got 10"}[case]
     if case == "bad spec":
         source = "nope:1"
     elif case == "no shards":
@@ -346,6 +348,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(case, models, tmp_path):
         flags["vqgan_dir"] = "/no/such/vq"
     elif case == "missing tokenizer":
         flags["text_tokenizer"] = "/no/such/bpe"
+    elif case == "bad budget":
+        extra = ["--max_image_pixels=10"]
     else:
         extra = ["--max_text_tokens=0"]
     proc = run_cli(["prepare", f"--source={source}", f"--out={tmp_path / 'out'}", *_flags(flags), *extra],
