@@ -157,3 +157,20 @@ def test_fuzz_prompts_file(tmp_path_factory):
 
     run()
     print(f"\nfuzz prompts file: {tried[0]} examples")
+
+
+def test_tokenizer_corpus_is_cleaned(tmp_path):
+    """`cm3leon tokenizer train-text` reads its corpus under the same policy:
+    a lone surrogate (valid JSON) or control characters do not reach the BPE
+    trainer; a caption that is not a string is counted, not fatal; JSON that
+    Python cannot read is an error naming the line."""
+    from cm3leon_jax.data.tokenizers import iter_documents
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"caption": "abc \\udcff"}\n{"caption": 3}\n{"caption": "a\\u0000b\\r\\nc"}\n')
+    stats = {}
+    assert list(iter_documents(str(p), stats)) == ["abc \ufffd", "ab\nc"]
+    assert stats == {"documents": 2, "skipped": 1}
+    p.write_text('{"caption": "ok"}\n{"caption": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: invalid JSON \(ValueError: Exceeds the limit"):
+        list(iter_documents(str(p)))
