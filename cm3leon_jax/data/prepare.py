@@ -81,6 +81,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cm3leon_jax import disk_faults
 from cm3leon_jax.data import images as images_lib
 from cm3leon_jax.data import sources as sources_lib
 from cm3leon_jax.data.prepared import (FORMAT_VERSION, IDS_FILE, MANIFEST_FILE, PREPARED_KIND, RECORD_SUFFIX,
@@ -439,6 +440,7 @@ def _run_pipeline(cfg: dict, shards: List[dict], runner: str, pipeline_args: Seq
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions([f"--runner={runner}", *pipeline_args])
+    disk_faults.quiet("apache_beam.runners.common")  # a full disk is one line (_raise_if_disk_fault)
     with beam.Pipeline(options=options) as p:
         _ = (p
              | "Shards" >> beam.Create(shards)
@@ -535,12 +537,29 @@ def prepare(source: str, out_dir: str, vqgan_dir: str, text_tokenizer: str, clip
         bar.start()
         try:
             _run_pipeline(cfg, todo, runner, pipeline_args)
+        except Exception as e:  # noqa: BLE001 - only a disk fault becomes one line; the rest keeps its traceback
+            _raise_if_disk_fault(e, out_dir, shards, fingerprint)
+            raise
         finally:
             bar.close()
             _PROGRESS.pop(out_dir, None)
     # A rerun of a finished dataset checks it and writes nothing.
     write = bool(todo) or old is None or not old.get("complete")
     return _finalise(out_dir, src, shards, manifest, fingerprint, resumed=set(done), write=write)
+
+
+def _raise_if_disk_fault(e: BaseException, out_dir: str, shards: List[dict], fingerprint: str) -> None:
+    """A shard the disk refused (Beam re-raises it as RuntimeError): one line,
+    an OSError. Nothing half-written counts: a shard's files keep their
+    temporary names until complete, its JSON commit mark comes last."""
+    fault = disk_faults.disk_fault(e)
+    if fault is None:
+        return
+    kept = sum(_shard_done(out_dir, s, fingerprint) is not None for s in shards)
+    err = OSError(f"cannot write shards to {out_dir}: {fault[0]}; {disk_faults.advice(fault[1])} the same "
+                  f"command: the {kept} of {len(shards)} shards complete are kept, the others are written then")
+    err.errno = fault[1]
+    raise err from None
 
 
 def _finalise(out_dir: str, src, shards: List[dict], manifest: dict, fingerprint: str, resumed: set,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cm3leon_jax import disk_faults
 from cm3leon_jax import paths as paths_lib
 
 log = logging.getLogger(__name__)
@@ -46,34 +46,10 @@ class CheckpointWriteError(RuntimeError):
 
     def __init__(self, step: int, directory, cause: str, last_good: Optional[int], errno_: Optional[int]):
         self.step, self.directory, self.cause, self.last_good = step, str(directory), cause, last_good
-        fix = "free space and rerun" if errno_ in (errno.ENOSPC, errno.EDQUOT) else "fix the file system and rerun"
+        fix = disk_faults.advice(errno_)
         resume = (f"training resumes from step {last_good}" if last_good is not None
                   else "no checkpoint was written yet, training starts again from step 0")
         super().__init__(f"cannot write checkpoint step {step} to {self.directory}: {cause}; {fix}: {resume}")
-
-
-# tensorstore reports an OS error as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")
-_TS_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
-_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "Input/output error", "Read-only file system")
-
-
-def disk_fault(e: BaseException) -> Optional[Tuple[str, Optional[int]]]:
-    """(cause, errno) when `e` or an exception it was raised from is a file
-    system error (an OSError, or tensorstore's ValueError carrying an OS
-    error code); None for anything else (a bug, which keeps its traceback)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return f"[Errno {e.errno}] {e.strerror or os.strerror(e.errno)}", e.errno
-        m = _TS_OS_ERROR.search(str(e))
-        if m:
-            code = int(m.group(1))
-            return f"[Errno {code}] {os.strerror(code)}", code
-        if any(w in str(e) for w in _DISK_WORDS):
-            return str(e).splitlines()[0][:300], None
-        e = e.__cause__ or e.__context__
-    return None
 
 
 # What the background work of a failed save reports as it is abandoned: its
@@ -94,11 +70,11 @@ class _QuietDiskFaults(logging.Filter):
         text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             text += " " + str(record.exc_info[1])
-            if disk_fault(record.exc_info[1]) is not None:
+            if disk_faults.disk_fault(record.exc_info[1]) is not None:
                 return False
         if self.after_fault and any(w in text for w in _ABANDONED):
             return False
-        return not (_TS_OS_ERROR.search(text) or any(w in text for w in _DISK_WORDS))
+        return not disk_faults.mentions_disk_fault(text)
 
 
 _QUIET = _QuietDiskFaults()
@@ -218,7 +194,7 @@ class Checkpointer:
         self.last_written = step
 
     def _fail(self, step: int, e: BaseException):
-        fault = disk_fault(e)
+        fault = disk_faults.disk_fault(e)
         if fault is None:
             raise e
         self._failed = CheckpointWriteError(step, self.directory, fault[0], self.last_written, fault[1])

@@ -88,18 +88,23 @@ def test_a_really_full_disk_fails_in_tensorstore_and_keeps_the_last_step(tiny_tm
 def test_fault_classification():
     import errno
 
-    assert ckpt_lib.disk_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))[1] == errno.EDQUOT
+    from cm3leon_jax.disk_faults import disk_fault
+
+    assert disk_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))[1] == errno.EDQUOT
     ts = ValueError("RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database: Failed to write 5378048 bytes "
                     "to file 12: No space left on device [os_error_code='28']")
-    assert ckpt_lib.disk_fault(ts) == ("[Errno 28] No space left on device", 28)
+    assert disk_fault(ts) == ("[Errno 28] No space left on device", 28)
+    beam = RuntimeError("OSError: [Errno 28] No space left on device: '/x/.tmp-1-shard-00000-of-00003.array_record' "
+                        "[while running 'PrepareShard']")
+    assert disk_fault(beam) == ("[Errno 28] No space left on device", 28)
     try:
         try:
             raise OSError(errno.EIO, "Input/output error")
         except OSError as e:
             raise RuntimeError("wrapped") from e
     except RuntimeError as wrapped:
-        assert ckpt_lib.disk_fault(wrapped)[1] == errno.EIO
-    assert ckpt_lib.disk_fault(TypeError("a bug, not a disk")) is None
+        assert disk_fault(wrapped)[1] == errno.EIO
+    assert disk_fault(TypeError("a bug, not a disk")) is None
     msg = str(ckpt_lib.CheckpointWriteError(10, "/x/checkpoints", "[Errno 5] Input/output error", None, errno.EIO))
     assert msg == ("cannot write checkpoint step 10 to /x/checkpoints: [Errno 5] Input/output error; fix the file "
                    "system and rerun: no checkpoint was written yet, training starts again from step 0")
