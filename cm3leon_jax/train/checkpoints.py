@@ -10,7 +10,7 @@ for an async save at the next `save`, `wait` or `close`. Orbax writes a step
 into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` once its arrays
 are written (on GCS: `commit_success.txt` last), so a half-written step is
 not listed as a checkpoint; its leftovers are removed when the next run opens
-the directory (`cleanup_tmp_directories`). A step that was committed before a
+the directory as its writer (`cleanup_tmp_directories`). A step that was committed before a
 late write of it failed (Orbax's step metadata) is renamed
 `<step>.write-failed-<time>`, so the resume point is the step before it."""
 from __future__ import annotations
@@ -117,11 +117,15 @@ class Checkpointer:
     iterator's JSON state)."""
 
     def __init__(self, directory: str, save_every: int, keep: Optional[int],
-                 async_save: bool = True):
+                 async_save: bool = True, writer: bool = False):
+        """`writer`: the trainer, which holds the model dir's writer lock
+        (model_dir_lock): it removes what a failed or killed save left
+        half-written. A reader never does (it could be a live run's save)."""
         self.directory = epath.Path(directory)
         self.save_every = save_every
         self.keep = keep
         self.async_save = async_save
+        self.writer = writer
         for name in ("absl", "orbax"):
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
@@ -137,7 +141,7 @@ class Checkpointer:
             enable_async_checkpointing=self.async_save,
             create=True,
             # a step left half-written by a failed or killed save
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=self.writer,
         )
         return ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 

@@ -29,7 +29,8 @@ def restore_or_init(init: Callable[[], Any], model_dir: str, checkpoint_every: i
     abstract = jax.eval_shape(init)
     replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints)
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every, keep_checkpoints,
+                                 writer=True)
     restored = ckpt.restore_latest_good(target)
     if restored is None:
         # The fresh state is committed to the device a restored one lands on,

@@ -188,7 +188,7 @@ def train(*,
     target = ckpt_lib.abstract_with_sharding(abstract, shardings)
 
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), checkpoint_every,
-                                 keep_checkpoints, async_checkpoints)
+                                 keep_checkpoints, async_checkpoints, writer=True)
     restored = ckpt.restore_latest_good(target)
     if restored is None:
         state, start_step, last_good = sharded_init(), 0, None
