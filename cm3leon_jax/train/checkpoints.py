@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Optional, Tuple
 
 import jax
@@ -85,6 +86,7 @@ def _quiet_abandoned_writes():
     each abandoned write's callback that finds its event loop closed; those
     tracebacks say nothing the one-line error does not."""
     _QUIET.after_fault = True
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "_cm3leon_quiet", False):
         return
