@@ -46,6 +46,18 @@ SMALL = [
     "--gin.train.peak_flops_per_device=1e11",
 ]
 
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz tests' example counts (each test records `fuzz_examples`),
+    in `make test`'s output too, where pytest -q captures their prints."""
+    lines = [f"{rep.nodeid}: {value} examples"
+             for outcome in ("passed", "failed") for rep in terminalreporter.stats.get(outcome, [])
+             if rep.when == "call" for key, value in rep.user_properties if key == "fuzz_examples"]
+    if lines:
+        terminalreporter.write_sep("-", "fuzz examples tried")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
+
+
 
 def run_cli(args, env=None, timeout=600, check=True, devices=None):
     full_env = dict(os.environ)

@@ -182,7 +182,7 @@ SAVERS = {"PNG": ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I"), "JPEG": ("L"
 REASONS = {"corrupt or truncated image", "too small", "too large", "empty file"}
 
 
-def test_fuzz_image_bytes():
+def test_fuzz_image_bytes(record_property):
     """Any bytes -> an RGB array of the asked size, or BadImageError with a
     known reason; well-formed images of side >= 8 always load."""
     from hypothesis import HealthCheck, given, settings
@@ -227,3 +227,4 @@ def test_fuzz_image_bytes():
 
     run()
     print(f"\nfuzz image bytes: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])

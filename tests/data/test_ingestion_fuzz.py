@@ -159,7 +159,7 @@ def _write_folder(d, lines):
         f.write(b"\n".join(line for line, _, _ in lines) + b"\n")
 
 
-def test_fuzz_image_folder():
+def test_fuzz_image_folder(record_property):
     tried = [0]
 
     @FUZZ
@@ -184,6 +184,7 @@ def test_fuzz_image_folder():
 
     run()
     print(f"\nfuzz image_folder: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
 # -- webdataset -------------------------------------------------------------------
@@ -235,7 +236,7 @@ def shards(draw):
     return members, expected
 
 
-def test_fuzz_webdataset():
+def test_fuzz_webdataset(record_property):
     tried = [0]
 
     @FUZZ
@@ -271,6 +272,7 @@ def test_fuzz_webdataset():
 
     run()
     print(f"\nfuzz webdataset: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
 # -- TFDS ---------------------------------------------------------------------------
@@ -312,7 +314,7 @@ pixel_arrays = st.one_of(
     st.just("a string"), st.integers())
 
 
-def test_fuzz_tfds_examples():
+def test_fuzz_tfds_examples(record_property):
     """TFDS examples with missing or wrong-typed features (what another
     dataset's schema gives), fed to a real source's reader."""
     src, tried = open_source(f"tfds:cm3_fuzz?data_dir={_tfds_source()}", resolution=RES), [0]
@@ -339,3 +341,4 @@ def test_fuzz_tfds_examples():
 
     run()
     print(f"\nfuzz tfds examples: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])

@@ -88,7 +88,7 @@ def _check_clean(out: str, cap: int):
     assert clean_text(out, cap) == out  # a fixed point: cleaning once is enough
 
 
-def test_fuzz_clean_text_and_field():
+def test_fuzz_clean_text_and_field(record_property):
     tried = [0]
 
     @FUZZ
@@ -108,9 +108,10 @@ def test_fuzz_clean_text_and_field():
 
     run()
     print(f"\nfuzz clean_text/clean_field: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
-def test_fuzz_tokenizer_takes_any_cleaned_text_and_names_the_rest():
+def test_fuzz_tokenizer_takes_any_cleaned_text_and_names_the_rest(record_property):
     tok, tried = tokenizer(), [0]
 
     @settings(max_examples=150, deadline=None)
@@ -131,9 +132,10 @@ def test_fuzz_tokenizer_takes_any_cleaned_text_and_names_the_rest():
 
     run()
     print(f"\nfuzz tokenizer: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
-def test_fuzz_prompts_file(tmp_path_factory):
+def test_fuzz_prompts_file(tmp_path_factory, record_property):
     d, tried = tmp_path_factory.mktemp("prompts"), [0]
 
     @settings(max_examples=150, deadline=None)
@@ -157,6 +159,7 @@ def test_fuzz_prompts_file(tmp_path_factory):
 
     run()
     print(f"\nfuzz prompts file: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
 def test_tokenizer_corpus_is_cleaned(tmp_path):

@@ -43,7 +43,7 @@ def _generate(argv):
     return code, err.getvalue()
 
 
-def test_fuzz_generate_prompts():
+def test_fuzz_generate_prompts(record_property):
     """Any --prompt and any prompts file: exit 2 with one line, naming the
     prompt when it is bad, else reaching the (missing) model dir."""
     tried = [0]
@@ -76,6 +76,7 @@ def test_fuzz_generate_prompts():
     finally:
         shutil.rmtree(d, ignore_errors=True)
     print(f"\nfuzz generate prompts: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
 def _utf8(data: bytes) -> bool:

@@ -178,7 +178,7 @@ def _check_records(recs, tmp):
                 assert r[k].strip() and text_lib.clean_text(r[k]) == r[k]
 
 
-def test_fuzz_coco_converters():
+def test_fuzz_coco_converters(record_property):
     import tempfile
 
     tried = [0]
@@ -215,9 +215,10 @@ def test_fuzz_coco_converters():
 
     run()
     print(f"\nfuzz COCO captions / detection / VQA converters: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
-def test_fuzz_instructpix2pix(tmp_path_factory):
+def test_fuzz_instructpix2pix(tmp_path_factory, record_property):
     import tempfile
 
     tried = [0]
@@ -249,6 +250,7 @@ def test_fuzz_instructpix2pix(tmp_path_factory):
 
     run()
     print(f"\nfuzz InstructPix2Pix converter: {tried[0]} examples")
+    record_property("fuzz_examples", tried[0])
 
 
 def test_malformed_records_by_hand(tmp_path):
