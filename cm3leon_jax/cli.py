@@ -11,6 +11,9 @@ import sys
 from typing import List, Optional
 
 from cm3leon_jax import gin_utils
+from cm3leon_jax.commands.helpers import (add_sampling_args, input_error, run_resumable, run_trainer,
+                                          sampling_settings)
+from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
 DESCRIPTION = """CM3Leon in JAX: train, inspect and (in later commands) sample the
 retrieval-augmented multimodal decoder. Configuration is gin, t5x-style:
@@ -228,33 +231,6 @@ def _add_generate(sub):
     p.set_defaults(func=cmd_generate)
 
 
-def add_sampling_args(p) -> None:
-    """The decoding flags of `generate` and `eval coco`; `sampling_settings`
-    turns them into a SamplingSettings."""
-    p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
-                   help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
-                        "conditional, amateur = unconditional stream), mixed (half the samples each; "
-                        "default), greedy")
-    p.add_argument("--cfg_scale", type=float, default=3.0,
-                   help="classifier-free guidance scale alpha_c (default 3; 1 turns guidance off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus mass kept (default 0.9)")
-    p.add_argument("--top_k", type=int, default=0, help="top-k filter before top-p (default 0: none)")
-    p.add_argument("--cd_alpha", type=float, default=0.1,
-                   help="CD-K: a token is allowed if p_exp >= alpha * kmax(p_exp) (default 0.1)")
-    p.add_argument("--cd_k", type=int, default=1,
-                   help="CD-K: the k of kmax, the k-th largest expert probability (default 1; a larger k "
-                        "always admits k codes and paints noise where the expert is sure, see "
-                        "SamplingSettings)")
-
-
-def sampling_settings(args):
-    from cm3leon_jax.sampling.sampler import SamplingSettings
-
-    return SamplingSettings(args.decoding, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            cfg_scale=args.cfg_scale, cd_alpha=args.cd_alpha, cd_k=args.cd_k)
-
-
 def _add_clip(sub):
     p = sub.add_parser("clip", help="train a small CLIP retriever on the shapes corpus",
                        description="Train the CLIP bi-encoder that the demo retrieves with.")
@@ -273,7 +249,7 @@ def _add_clip(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cm3leon_jax.retrieval.commands import add_embed, add_index
+    from cm3leon_jax.commands.retrieval import add_embed, add_index
 
     parser = argparse.ArgumentParser(prog="cm3leon", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_index(sub)
     _add_generate(sub)
     _add_clip(sub)
-    from cm3leon_jax.demo.commands import add_demo
-    from cm3leon_jax.eval.commands import add_eval
-    from cm3leon_jax.sft.commands import add_finetune, add_sft
+    from cm3leon_jax.commands.demo import add_demo
+    from cm3leon_jax.commands.eval import add_eval
+    from cm3leon_jax.commands.sft import add_finetune, add_sft
 
-    from cm3leon_jax.train.compile_command import add_compile
+    from cm3leon_jax.commands.compile import add_compile
 
     add_finetune(sub)
     add_sft(sub)
@@ -300,10 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_compile(sub)
     return parser
-
-
-TRAIN_DATA_MODULES = ("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug", "cm3leon_jax.data.tasks",
-                      "cm3leon_jax.sft.tasks")
 
 
 def cmd_train(args, gin_bindings: List[str]) -> int:
@@ -326,25 +298,6 @@ def cmd_train(args, gin_bindings: List[str]) -> int:
     task = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
     pipeline.check_task_name(task)  # unknown task names fail before any work
     return run_trainer(model_dir, trainer.train)
-
-
-def run_trainer(model_dir: str, train_fn) -> int:
-    """Writes config.gin and runs `train_fn()` holding `model_dir`'s writer
-    lock, then prints its JSON report: exit 0. Another live writer of the dir,
-    or a checkpoint the disk refused, is one line on stderr, exit 1 (the
-    checkpoints written before it are kept; a rerun resumes from them)."""
-    from cm3leon_jax import model_dir_lock
-    from cm3leon_jax.train import checkpoints
-
-    try:
-        with model_dir_lock.hold(model_dir):
-            gin_utils.write_config(model_dir)
-            result = train_fn()
-    except (model_dir_lock.ModelDirLockedError, checkpoints.CheckpointWriteError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)  # without gin's "In call to"
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
 
 
 def _fmt_count(n: float) -> str:
@@ -434,7 +387,7 @@ def cmd_convert_clip(args, gin_bindings: List[str]) -> int:
 
 def cmd_convert_chameleon(args, gin_bindings: List[str]) -> int:
     if gin_bindings:
-        return _input_error(ValueError("convert chameleon takes no --gin.* flags"))
+        return input_error(ValueError("convert chameleon takes no --gin.* flags"))
     try:
         from cm3leon_jax.models import chameleon_convert
 
@@ -442,30 +395,7 @@ def cmd_convert_chameleon(args, gin_bindings: List[str]) -> int:
             args.hf_dir, args.out, num_mask_tokens=args.num_mask_tokens, dtype=args.dtype,
             param_dtype=args.param_dtype)
     except (ValueError, OSError) as e:
-        return _input_error(e)
-    print(json.dumps(report), flush=True)
-    return 0
-
-
-def _input_error(e: BaseException) -> int:
-    """One line on stderr naming the bad input, exit status 2."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _run_resumable(job, what: str) -> int:
-    """Runs `job()` (a resumable job writing `what`: "shards", "chunks") and
-    prints its JSON report: exit 0; a bad input is one line on stderr, exit
-    2; Ctrl-C keeps what was written and says how to continue, exit 130."""
-    try:
-        report = job()
-    except (ValueError, OSError) as e:
-        return _input_error(e)
-    except KeyboardInterrupt:
-        print(f"interrupted: the {what} written so far are kept; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
+        return input_error(e)
     print(json.dumps(report), flush=True)
     return 0
 
@@ -484,7 +414,7 @@ def cmd_prepare(args, gin_bindings: List[str]) -> int:
                                **({} if args.max_image_pixels is None else
                                   {"max_image_pixels": args.max_image_pixels}))
 
-    return _run_resumable(job, "shards")
+    return run_resumable(job, "shards")
 
 
 def cmd_task_data(args, gin_bindings: List[str]) -> int:
@@ -499,7 +429,7 @@ def cmd_task_data(args, gin_bindings: List[str]) -> int:
                                      k=args.k, max_text_tokens=args.max_text_tokens,
                                      records_per_shard=args.records_per_shard, progress=not args.no_progress)
 
-    return _run_resumable(job, "stages")
+    return run_resumable(job, "stages")
 
 
 def cmd_generate(args, gin_bindings: List[str]) -> int:
@@ -548,7 +478,7 @@ def cmd_generate(args, gin_bindings: List[str]) -> int:
                                        seed=args.seed, num_retrieved=args.num_retrieved, keep=args.keep,
                                        batch_rows=args.batch_rows)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     print(json.dumps({"out": os.path.abspath(args.out), "prompts": len(prompts),
                       "images": sum(len(r["samples"]) for r in report)}), flush=True)
     return 0

@@ -45,7 +45,7 @@ def cmd_compile(args, gin_bindings) -> int:
     from cm3leon_jax.train.compile import compile_report, parse_topology, print_summary
 
     from cm3leon_jax import gin_utils
-    from cm3leon_jax.cli import TRAIN_DATA_MODULES
+    from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # see topology_devices
     if not 0 < args.mfu <= 1:

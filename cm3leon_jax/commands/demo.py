@@ -38,7 +38,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args, gin_bindings: List[str]) -> int:
-    from cm3leon_jax.cli import _input_error
+    from cm3leon_jax.commands.helpers import input_error
 
     files = args.gin_file or [DEFAULT_GIN]
     bindings = list(args.gin_bindings) + list(gin_bindings)
@@ -54,7 +54,7 @@ def cmd_demo(args, gin_bindings: List[str]) -> int:
     try:
         results = pipeline.run(config, only=args.only, redo=args.redo)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     except RuntimeError as e:  # a stage's command failed: its own output says why
         print(f"error: {e}", file=sys.stderr)
         return 1

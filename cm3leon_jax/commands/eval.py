@@ -111,7 +111,7 @@ def add_eval(sub) -> None:
     co.add_argument("--inception_weights", default=None,
                     help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for --features=inception)")
     co.add_argument("--clip_dir", default=None, help="CLIP model dir for --features=clip")
-    from cm3leon_jax.cli import add_sampling_args
+    from cm3leon_jax.commands.helpers import add_sampling_args
 
     add_sampling_args(co)  # as `cm3leon generate`: mixed top-p / CD-K, CFG 3 by default
     co.add_argument("--num_samples", type=int, default=8,
@@ -144,14 +144,14 @@ def cmd_fid(args, gin_bindings: List[str]) -> int:
 
 
 def _run(fn, out: str) -> int:
-    from cm3leon_jax.cli import _input_error
+    from cm3leon_jax.commands.helpers import input_error
     from cm3leon_jax.eval import fid
 
     try:
         result = fn()
         fid.write_json(result, out)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -188,7 +188,7 @@ def cmd_coco(args, gin_bindings: List[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
 
     def job():
-        from cm3leon_jax.cli import sampling_settings
+        from cm3leon_jax.commands.helpers import sampling_settings
         from cm3leon_jax.eval import coco
 
         if args.features == "clip" and not args.clip_dir:

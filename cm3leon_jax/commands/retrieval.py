@@ -8,7 +8,7 @@ import json
 import sys
 from typing import List
 
-from cm3leon_jax import cli
+from cm3leon_jax.commands.helpers import input_error, run_resumable
 from cm3leon_jax.retrieval import index as index_lib
 
 
@@ -104,7 +104,7 @@ def cmd_embed(args, gin_bindings: List[str]) -> int:
         return {k: result.get(k) for k in ("count", "dim", "embedding_model", "source", "modality",
                                            "skipped", "resumed_chunks")} | {"out": args.out}
 
-    return cli._run_resumable(job, "chunks")
+    return run_resumable(job, "chunks")
 
 
 def cmd_index_build(args, gin_bindings: List[str]) -> int:
@@ -131,7 +131,7 @@ def cmd_index_build(args, gin_bindings: List[str]) -> int:
         with open(os.path.join(args.out, index_lib.INDEX_BANK_REF), "w") as f:
             json.dump({"bank_dir": os.path.abspath(args.embeddings)}, f)
     except (ValueError, OSError) as e:
-        return cli._input_error(e)
+        return input_error(e)
     print(json.dumps({"out": args.out, "count": index.size, "dim": index.dim,
                       "embedding_model": index.embedding_model, **index.params}), flush=True)
     return 0
@@ -176,7 +176,7 @@ def cmd_index_search(args, gin_bindings: List[str]) -> int:
         if bank is None and note is None:
             note = "captions unavailable: pass --embeddings=BANK_DIR"
     except (ValueError, OSError) as e:
-        return cli._input_error(e)
+        return input_error(e)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     rows = bank.rows(ids) if bank is not None else None
@@ -198,6 +198,6 @@ def cmd_index_neighbours(args, gin_bindings: List[str]) -> int:
         manifest = neighbours.build_neighbour_table(args.embeddings, args.index, k=args.k,
                                                     progress=not args.no_progress)
     except (ValueError, OSError) as e:
-        return cli._input_error(e)
+        return input_error(e)
     print(json.dumps(manifest), flush=True)
     return 0

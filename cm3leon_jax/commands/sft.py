@@ -77,11 +77,12 @@ def architecture_bindings(config_path: str) -> List[str]:
 
 
 def cmd_finetune(args, gin_bindings: List[str]) -> int:
-    from cm3leon_jax.cli import TRAIN_DATA_MODULES, _input_error, run_trainer
+    from cm3leon_jax.commands.helpers import input_error, run_trainer
+    from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
     config = find_config(args.init_checkpoint)
     if not paths_lib.exists(args.init_checkpoint):
-        return _input_error(ValueError(f"--init_checkpoint {args.init_checkpoint!r} does not exist"))
+        return input_error(ValueError(f"--init_checkpoint {args.init_checkpoint!r} does not exist"))
     arch = architecture_bindings(config) if config else []
     if not arch:
         print(f"warning: no config.gin with model bindings found above {args.init_checkpoint!r}; the SFT gin "
@@ -101,7 +102,7 @@ def cmd_finetune(args, gin_bindings: List[str]) -> int:
     try:  # multi-host: before write_config asks JAX for the process index
         distributed.initialize_distributed()
     except distributed.DistributedConfigError as e:
-        return _input_error(e)
+        return input_error(e)
 
     model_dir = gin.query_parameter("MODEL_DIR/macro.value")
     task = gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value")
@@ -109,12 +110,12 @@ def cmd_finetune(args, gin_bindings: List[str]) -> int:
         pipeline.check_task_name(task)
         pipeline.check_not_empty(task)
     except ValueError as e:
-        return _input_error(e)
+        return input_error(e)
     try:
         return run_trainer(model_dir, trainer.train)
     except ValueError as e:
         if "init checkpoint" in str(e) or "init_checkpoint" in str(e):
-            return _input_error(e)
+            return input_error(e)
         raise
 
 
@@ -201,7 +202,7 @@ def add_sft(sub) -> None:
     ev.add_argument("--batch_rows", type=int, default=64, help="prompts per sampler call (default 64)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default=None, help="also write the report to this JSON file")
-    from cm3leon_jax.cli import add_sampling_args
+    from cm3leon_jax.commands.helpers import add_sampling_args
 
     add_sampling_args(ev)
     ev.add_argument("--image_cfg_scale", type=float, default=1.5,
@@ -211,7 +212,7 @@ def add_sft(sub) -> None:
 
 def cmd_sft_prepare(args, gin_bindings: List[str]) -> int:
     del gin_bindings
-    from cm3leon_jax.cli import _input_error
+    from cm3leon_jax.commands.helpers import input_error
     from cm3leon_jax.sft import records
 
     try:
@@ -220,14 +221,14 @@ def cmd_sft_prepare(args, gin_bindings: List[str]) -> int:
                                     max_targets_length=args.max_targets_length,
                                     progress=not args.no_progress)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     print(json.dumps(dict(entry, out=os.path.abspath(args.out), split=args.split)), flush=True)
     return 0
 
 
 def cmd_sft_shapes(args, gin_bindings: List[str]) -> int:
     del gin_bindings
-    from cm3leon_jax.cli import _input_error
+    from cm3leon_jax.commands.helpers import input_error
     from cm3leon_jax.demo import instructions
 
     try:
@@ -235,7 +236,7 @@ def cmd_sft_shapes(args, gin_bindings: List[str]) -> int:
                                     train_per_family=args.train_per_family,
                                     heldout_per_family=args.heldout_per_family, progress=not args.no_progress)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     print(json.dumps({"out": os.path.abspath(args.out),
                       **{split: {"count": e["count"], "skipped": e["skipped"]} for split, e in report.items()}}),
           flush=True)
@@ -246,7 +247,7 @@ def cmd_sft_eval(args, gin_bindings: List[str]) -> int:
     del gin_bindings
     import dataclasses
 
-    from cm3leon_jax.cli import _input_error, sampling_settings
+    from cm3leon_jax.commands.helpers import input_error, sampling_settings
     from cm3leon_jax.sft import evaluate
     from cm3leon_jax.sft import format as fmt
 
@@ -258,7 +259,7 @@ def cmd_sft_eval(args, gin_bindings: List[str]) -> int:
         report = evaluate.evaluate(args.model_dir, args.data_dir, families=families, limit=args.limit,
                                    settings=settings, seed=args.seed, batch_rows=args.batch_rows)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     line = json.dumps(report)
     if args.out:
         with open(args.out, "w") as f:
@@ -269,7 +270,7 @@ def cmd_sft_eval(args, gin_bindings: List[str]) -> int:
 
 def cmd_sft_convert(args, gin_bindings: List[str]) -> int:
     del gin_bindings
-    from cm3leon_jax.cli import _input_error
+    from cm3leon_jax.commands.helpers import input_error
     from cm3leon_jax.data import sft_sources
 
     need = {"instructpix2pix": ("src",), "coco_captions": ("annotations", "images"),
@@ -283,6 +284,6 @@ def cmd_sft_convert(args, gin_bindings: List[str]) -> int:
             kwargs["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
         report = sft_sources.convert(args.format, args.out, **kwargs)
     except (ValueError, OSError) as e:
-        return _input_error(e)
+        return input_error(e)
     print(json.dumps(report), flush=True)
     return 0

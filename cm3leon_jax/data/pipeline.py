@@ -12,10 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import Mapping, Optional
 
-import numpy as np
-
 # Modules whose import registers SeqIO tasks; the data issues add theirs here.
 TASK_MODULES = ("cm3leon_jax.data.synthetic", "cm3leon_jax.data.tasks", "cm3leon_jax.sft.tasks")
+
+
+# The modules the train/finetune/compile commands and a model dir's loader
+# import before parsing gin: the SeqIO tasks plus the data configurables that
+# config.gin binds. Named, not imported, so the SFT layer plugs in from above.
+TRAIN_DATA_MODULES = ("cm3leon_jax.data.cm3", "cm3leon_jax.data.retrieval_aug", "cm3leon_jax.data.tasks",
+                      "cm3leon_jax.sft.tasks")
 
 
 def import_task_modules(extra: tuple = ()):
@@ -162,4 +167,6 @@ class TrainIterator:
 
 
 def numpy_batch_stats(batch: dict) -> dict:
+    import numpy as np
+
     return {k: (np.asarray(v).shape, np.asarray(v).dtype) for k, v in batch.items()}

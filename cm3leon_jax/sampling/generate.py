@@ -103,7 +103,7 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
     config = os.path.join(model_dir, "config.gin")
     if not paths_lib.isfile(config):
         raise ValueError(f"{model_dir!r} has no config.gin: not a `cm3leon train` model dir")
-    from cm3leon_jax.cli import TRAIN_DATA_MODULES
+    from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
     gin_utils.parse([config], [], extra_modules=TRAIN_DATA_MODULES, check_required=False)
     cfg = DecoderConfig()

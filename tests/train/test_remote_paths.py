@@ -181,7 +181,7 @@ def test_config_gin_written_to_and_parsed_from_a_url(gfile):
 
 
 def test_finetune_reads_a_url_init_model_dir(gfile):
-    from cm3leon_jax.sft import commands
+    from cm3leon_jax.commands import sft as commands
     from cm3leon_jax.train import checkpoints as ckpt_lib
 
     run = "ram://pre/run"
