@@ -10,7 +10,7 @@ import json
 import sys
 from typing import List, Optional
 
-from cm3leon_jax import gin_utils
+from cm3leon_jax import gin_utils, platform_env
 from cm3leon_jax.commands.helpers import (add_sampling_args, input_error, run_resumable, run_trainer,
                                           sampling_settings)
 from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
@@ -521,6 +521,9 @@ def cmd_clip_train(args, gin_bindings: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # Before anything imports jax or tensorflow: no probing for a TPU or GPU
+    # this machine does not have (platform_env's docstring).
+    platform_env.apply()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, gin_bindings = gin_utils.split_gin_dot_flags(argv)
