@@ -15,10 +15,16 @@ from cm3leon_jax.commands.helpers import (add_sampling_args, input_error, run_re
                                           sampling_settings)
 from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
-DESCRIPTION = """CM3Leon in JAX: train, inspect and (in later commands) sample the
-retrieval-augmented multimodal decoder. Configuration is gin, t5x-style:
+DESCRIPTION = """CM3Leon in JAX: the retrieval-augmented, token-based multimodal decoder,
+from raw image-text pairs to sampled images and captions.
+  data:      tokenizer, clip, convert -> prepare, embed, index, task-data
+  model:     train, finetune (sft for instruction data), info, compile
+  use:       generate (text -> image, image -> text), eval
+  all of it: demo (the embedded shapes corpus, end to end on a CPU)
+Configuration is gin, t5x-style:
   cm3leon train --gin_file=gin/cm3leon_tiny.gin --gin.TRAIN_STEPS=300 --model_dir=/tmp/tiny
-  cm3leon info  --gin_file=gin/cm3leon_7b.gin"""
+  cm3leon info  --gin_file=gin/cm3leon_7b.gin
+`cm3leon COMMAND --help` describes each command."""
 
 
 def _add_train(sub):
