@@ -65,7 +65,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from cm3leon_jax.eval.samples import load_image
+    from cm3leon_jax.data.images import read_rgb as load_image
     from cm3leon_jax.sampling import generate as gen_lib
     from cm3leon_jax.sampling import guidance
 

@@ -107,7 +107,7 @@ def write_corpus(folder: str, docs: int, bad_fraction: float, seed: int):
     """A shapes image folder with bad records mixed in; -> {reason: count}, {kind: count}."""
     from PIL import Image
 
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     rng = random.Random(seed)
     os.makedirs(folder, exist_ok=True)

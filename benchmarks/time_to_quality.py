@@ -169,7 +169,7 @@ def teacher_forced(g, captions, image_paths) -> dict:
     import numpy as np
 
     from cm3leon_jax import vocab as vocab_lib
-    from cm3leon_jax.eval.samples import load_image
+    from cm3leon_jax.data.images import read_rgb as load_image
 
     codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
     ids = g.b.vocab.image_code_to_id(codes)
@@ -177,7 +177,7 @@ def teacher_forced(g, captions, image_paths) -> dict:
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
-    from cm3leon_jax.demo.shapes import caption_facts
+    from cm3leon_jax.data.shapes import caption_facts
 
     counts = np.array([len(caption_facts(c).shapes) for c in captions])
     by_shapes = {str(n): float(nll[counts == n].mean()) for n in sorted(set(counts.tolist()))}
@@ -190,7 +190,7 @@ def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_path
     import numpy as np
 
     from cm3leon_jax.eval import shapes_breakdown
-    from cm3leon_jax.eval.samples import load_image
+    from cm3leon_jax.data.images import read_rgb as load_image
     from cm3leon_jax.sampling import generate as gen_lib
     from cm3leon_jax.sampling import rerank
     from cm3leon_jax.sampling.sampler import SamplingSettings

@@ -500,7 +500,9 @@ def _write_edits(g, image, args, settings) -> int:
                          "was trained on a pretraining task")
     if not args.prompt:
         raise ValueError("--image_cfg_scale needs the instruction: pass --prompt (e.g. 'make the circle green')")
-    images = g.edit_image(image, args.prompt, args.num_samples, settings, args.seed)
+    from cm3leon_jax.sft import infer
+
+    images = infer.edit_image(g, image, args.prompt, args.num_samples, settings, args.seed)
     os.makedirs(args.out, exist_ok=True)
     files = []
     for j, img in enumerate(images):

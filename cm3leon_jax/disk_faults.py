@@ -2,7 +2,7 @@
 read-only mount) from any other error, wherever a library reports it: an
 OSError, or an OSError raised under another exception (Beam re-raises a
 worker's error as RuntimeError("OSError: [Errno 28] ...")), or tensorstore's
-ValueError("... [os_error_code='28']"). Checkpoint saves (train/checkpoints)
+ValueError("... [os_error_code='28']"). Checkpoint saves (checkpoints.py)
 and `prepare`'s shard writes turn such a fault into one line naming what
 could not be written; anything else keeps its traceback."""
 from __future__ import annotations

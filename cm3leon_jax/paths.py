@@ -4,7 +4,7 @@ A local path goes to `os` and the built-in `open` exactly as before; a URL
 (anything with `://`) goes to `tf.io.gfile`, which reads and writes Google
 Cloud Storage (and `ram://`, TensorFlow's in-memory file system, which the
 tests use to prove that no local file call is left on a path). Orbax
-checkpoints take the URL as it is (train/checkpoints.py).
+checkpoints take the URL as it is (checkpoints.py).
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def inputs(tmp_path_factory):
     from PIL import Image
     from task_data import tiny_models
 
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     base = tmp_path_factory.mktemp("colab")
     models = tiny_models()  # VQ-GAN with the tiny codebook (512), BPE of the tiny text size (1472)

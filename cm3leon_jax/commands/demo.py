@@ -12,7 +12,7 @@ DEFAULT_GIN = "gin/demo.gin"
 
 
 def add_demo(sub) -> None:
-    from cm3leon_jax.demo.pipeline import STAGES
+    from cm3leon_jax.demo.stages import STAGES
 
     p = sub.add_parser(
         "demo", help="the end-to-end demo on the embedded shapes corpus: train everything, sample, evaluate",

@@ -66,7 +66,7 @@ def run_trainer(model_dir: str, train_fn) -> int:
     or a checkpoint the disk refused, is one line on stderr, exit 1 (the
     checkpoints written before it are kept; a rerun resumes from them)."""
     from cm3leon_jax import model_dir_lock
-    from cm3leon_jax.train import checkpoints
+    from cm3leon_jax import checkpoints
 
     try:
         with model_dir_lock.hold(model_dir):

@@ -7,7 +7,7 @@
 - `sft prepare --records=FILE.jsonl --out=DIR --vqgan_dir=D --text_tokenizer=D`:
   instruction records -> a prepared SFT dataset (sft/records.py).
 - `sft convert FORMAT ...`: a dataset in a format users hold -> instruction
-  records (data/sft_sources.py).
+  records (sft/sources.py).
 - `sft shapes --out=DIR ...`: the shapes instruction corpus, prepared.
 - `sft eval --model_dir=D --data_dir=DIR`: a fine-tuned model on held-out
   instruction examples (VQA exact match, captioning facts, editing,
@@ -149,7 +149,7 @@ def add_sft(sub) -> None:
         "convert", help="a dataset in a format users hold -> instruction records (JSONL)",
         description="Converts InstructPix2Pix (editing), COCO captions (captioning), VQA v2 (vqa) or COCO "
                     "instances (detection and spatially grounded generation) into instruction records for "
-                    "`cm3leon sft prepare` (cm3leon_jax/data/sft_sources.py). Records naming a missing image "
+                    "`cm3leon sft prepare` (cm3leon_jax/sft/sources.py). Records naming a missing image "
                     "are skipped and counted.",
         epilog="Examples:\n"
                "  cm3leon sft convert instructpix2pix --src=/data/clip-filtered-dataset --out=/data/ip2p.jsonl\n"
@@ -173,7 +173,7 @@ def add_sft(sub) -> None:
     sh = ssub.add_parser(
         "shapes", help="the shapes instruction corpus (all six families), prepared",
         description="Builds every SFT family from the procedural shapes scenes with exact ground truth "
-                    "(cm3leon_jax/demo/instructions.py) and prepares it with the given tokenizers: "
+                    "(cm3leon_jax/sft/shapes_instructions.py) and prepares it with the given tokenizers: "
                     "train and validation (held-out scenes) splits.",
         epilog="Example: cm3leon sft shapes --out=demo_out/sft_data --vqgan_dir=demo_out/vqgan "
                "--text_tokenizer=demo_out/clip/text_tokenizer",
@@ -229,7 +229,7 @@ def cmd_sft_prepare(args, gin_bindings: List[str]) -> int:
 def cmd_sft_shapes(args, gin_bindings: List[str]) -> int:
     del gin_bindings
     from cm3leon_jax.commands.helpers import input_error
-    from cm3leon_jax.demo import instructions
+    from cm3leon_jax.sft import shapes_instructions as instructions
 
     try:
         report = instructions.build(args.out, args.vqgan_dir, args.text_tokenizer,
@@ -271,7 +271,7 @@ def cmd_sft_eval(args, gin_bindings: List[str]) -> int:
 def cmd_sft_convert(args, gin_bindings: List[str]) -> int:
     del gin_bindings
     from cm3leon_jax.commands.helpers import input_error
-    from cm3leon_jax.data import sft_sources
+    from cm3leon_jax.sft import sources as sft_sources
 
     need = {"instructpix2pix": ("src",), "coco_captions": ("annotations", "images"),
             "vqa": ("questions", "annotations", "images"), "coco_detection": ("annotations", "images")}[args.format]

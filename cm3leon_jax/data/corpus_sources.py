@@ -18,9 +18,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from cm3leon_jax.data import images as images_lib
-from cm3leon_jax.data import sources as sources_lib
 from cm3leon_jax.data import text as text_lib
-from cm3leon_jax.data.sources import SkippedDocument
+from cm3leon_jax.data.documents import SkippedDocument, check_index
 
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -146,7 +145,7 @@ class WebDatasetSource:
         return data
 
     def __getitem__(self, index: int) -> dict:
-        index = sources_lib._check_index(index, len(self._samples))
+        index = check_index(index, len(self._samples))
         number, t, key, image_m, text_m = self._samples[index]
         where = f"{self.files[t]}:{key}"
         text = image = None
@@ -303,7 +302,7 @@ class TfdsSource:
         return self._block[1][index - start]
 
     def __getitem__(self, index: int) -> dict:
-        index = sources_lib._check_index(index, self.num)
+        index = check_index(index, self.num)
         ex = self._example(index)
         text = _get_path(ex, self.caption_feature)
         if isinstance(text, (list, tuple, np.ndarray)) and not isinstance(text, (str, bytes)):

@@ -182,11 +182,8 @@ def _oriented(img: Image.Image) -> Image.Image:
     return img
 
 
-def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1] (the VQ-GAN's input range)."""
-    return images_uint8.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model_range(images: np.ndarray) -> np.ndarray:
-    """float [-1, 1] -> uint8 [0, 255], clipped."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def read_rgb(path: str) -> np.ndarray:
+    """A trusted image file (one this project wrote: samples, reconstructions)
+    as uint8 RGB at its own size; inputs from users go through `load_image`."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.uint8)

@@ -10,7 +10,7 @@ exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import importlib
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 # Modules whose import registers SeqIO tasks; the data issues add theirs here.
 TASK_MODULES = ("cm3leon_jax.data.synthetic", "cm3leon_jax.data.tasks", "cm3leon_jax.sft.tasks")
@@ -68,16 +68,33 @@ def is_prefix_lm(name: str) -> bool:
     return "inputs" in seqio.get_mixture_or_task(name).output_features
 
 
+# What the tasks with "inputs" plug in, registered by the module that defines
+# them (sft/tasks.py, which TASK_MODULES names): their feature converter,
+# `converter(pack=...)`, and `data_models(task)`, the tokenizer/CLIP dirs
+# their prepared data names ({} when unknown).
+_PREFIX_LM = {}
+
+
+def register_prefix_lm(converter: Callable, data_models: Callable) -> None:
+    _PREFIX_LM.update(converter=converter, data_models=data_models)
+
+
+def prefix_lm_data_models(name: str) -> dict:
+    import_task_modules()
+    return _PREFIX_LM["data_models"](name) if "data_models" in _PREFIX_LM else {}
+
+
 def feature_converter(name: str, pack: bool = True):
     """The training feature converter of a task: SeqIO's DecoderFeatureConverter
-    ("targets" only), or for tasks with "inputs" `sft.tasks.sft_feature_converter`
-    (gin-configured loss masking)."""
+    ("targets" only), or for tasks with "inputs" the registered prefix-LM
+    converter (`sft.tasks.sft_feature_converter`: gin-configured loss masking)."""
     import seqio
 
     if is_prefix_lm(name):
-        from cm3leon_jax.sft.tasks import sft_feature_converter
-
-        return sft_feature_converter(pack=pack)
+        if "converter" not in _PREFIX_LM:
+            raise ValueError(f"task {name!r} has inputs but no prefix-LM feature converter is registered "
+                             "(register_prefix_lm; sft/tasks.py registers one on import)")
+        return _PREFIX_LM["converter"](pack=pack)
     return seqio.DecoderFeatureConverter(pack=pack)
 
 

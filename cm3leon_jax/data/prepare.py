@@ -86,7 +86,7 @@ from cm3leon_jax.data import images as images_lib
 from cm3leon_jax.data import sources as sources_lib
 from cm3leon_jax.data.prepared import (FORMAT_VERSION, IDS_FILE, MANIFEST_FILE, PREPARED_KIND, RECORD_SUFFIX,
                                        encode_record)
-from cm3leon_jax.data.sources import SkippedDocument
+from cm3leon_jax.data.documents import SkippedDocument
 
 SHARD_STEM = "shard-{:05d}-of-{:05d}"
 TMP_PREFIX = ".tmp-"
@@ -158,7 +158,7 @@ def load_models(vqgan_dir: str, text_tokenizer: str, clip_dir: str, batch_size: 
         from cm3leon_jax.data import tokenizers as tok_lib
         from cm3leon_jax.models.image_tokenizer import ImageTokenizer
         from cm3leon_jax.retrieval import embed
-        from cm3leon_jax.train.vqgan_trainer import load_vqgan
+        from cm3leon_jax.models.vqgan_dir import load_vqgan
 
         vq_cfg, vq_params = load_vqgan(vqgan_dir)
         image_tok = ImageTokenizer(vq_cfg, vq_params, batch_size=batch_size)

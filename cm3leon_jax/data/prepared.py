@@ -26,7 +26,7 @@ import numpy as np
 
 from cm3leon_jax import paths as paths_lib
 from cm3leon_jax.id_lookup import IdLookup
-from cm3leon_jax.data import sources as sources_lib
+from cm3leon_jax.data.documents import check_index
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "prepared.json"
@@ -172,11 +172,11 @@ class PreparedDataset:
         return rec
 
     def __getitem__(self, index) -> dict:
-        index = sources_lib._check_index(index, len(self))
+        index = check_index(index, len(self))
         return self._decode(self.records[index])
 
     def __getitems__(self, indices: Sequence[int]) -> List[dict]:
-        idx = [sources_lib._check_index(i, len(self)) for i in indices]
+        idx = [check_index(i, len(self)) for i in indices]
         return [self._decode(r) for r in self.records.__getitems__(idx)]
 
     def positions(self, doc_ids) -> np.ndarray:

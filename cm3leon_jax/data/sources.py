@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Protocol, runtime_checkable
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from cm3leon_jax.data import images as images_lib
 from cm3leon_jax.data import text as text_lib
+from cm3leon_jax.data.documents import DocumentSource, SkippedDocument, check_index  # noqa: F401
 
 CAPTIONS_FILE = "captions.jsonl"
 MAX_LINE_BYTES = 16 * 2**20  # a captions.jsonl line longer than this is skipped unread
@@ -39,32 +40,6 @@ SPEC_HELP = ("shapes:N (N procedurally generated shapes documents, optionally sh
              "image_folder:PATH (images + captions.jsonl), webdataset:GLOB (tar shards), "
              "tfds:NAME[@SPLIT][?data_dir=DIR] (a locally prepared TFDS dataset), "
              "prepared:DIR (a `cm3leon prepare` output)")
-
-
-class SkippedDocument(ValueError):
-    """Document `index` of a source cannot be used; `.reason` is a short
-    category for skip counts ("corrupt or truncated image", "empty document")."""
-
-    def __init__(self, index: int, reason: str, detail: str = ""):
-        self.index, self.reason = int(index), reason
-        super().__init__(f"document {index}: {reason}{': ' + detail if detail else ''}")
-
-
-@runtime_checkable
-class DocumentSource(Protocol):
-    spec: str
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> dict: ...
-
-
-def _check_index(index, n: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"document index must be an integer, got {type(index).__name__}")
-    if not 0 <= index < n:
-        raise IndexError(f"document index {index} out of range [0, {n})")
-    return int(index)
 
 
 class ShapesSource:
@@ -84,9 +59,9 @@ class ShapesSource:
         return self.num
 
     def __getitem__(self, index: int) -> dict:
-        from cm3leon_jax.demo import shapes
+        from cm3leon_jax.data import shapes
 
-        index = _check_index(index, self.num)
+        index = check_index(index, self.num)
         ex = shapes.generate_example(self.seed, index, self.resolution)
         return {"id": np.int64(index), "text": ex.caption, "image": ex.image}
 
@@ -94,7 +69,7 @@ class ShapesSource:
 class ImageFolderSource:
     """A folder with `captions.jsonl`, one JSON object a line:
     `{"file": "00000.png", "caption": "..."}` (the layout
-    `demo.shapes.write_corpus` writes). The document id is the record's
+    `data.shapes.write_corpus` writes). The document id is the record's
     0-based line number. A missing or empty "file" makes a text-only
     document, a missing or empty "caption" an image-only one.
 
@@ -164,7 +139,7 @@ class ImageFolderSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        index = _check_index(index, len(self._records))
+        index = check_index(index, len(self._records))
         line_no, file, caption = self._records[index]
         image = None
         if file is not None:

@@ -39,8 +39,7 @@ from typing import Callable, Dict, List, Sequence
 
 import gin
 
-STAGES = ("corpus", "vqgan", "clip", "task_data", "train", "generate", "evaluate", "report")
-STAGE_DIR = "stages"
+from cm3leon_jax.demo.stages import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
 
 
 # Decodings that take the argmax at every step: the same image for every seed.
@@ -217,7 +216,7 @@ def stage_corpus(c: DemoConfig) -> dict:
     """Writes the training corpus and the held-out set as image folders
     (00000.png ... + captions.jsonl). Held-out pairs come from another seed,
     so none is in the training data or the memory bank."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     out = {}
     for name, seed, num in (("corpus", c.corpus_seed, c.corpus_docs), ("heldout", c.heldout_seed,
@@ -383,15 +382,6 @@ COMMAND_STAGES = {"vqgan": (command_vqgan, result_vqgan), "clip": (command_clip,
 # Stages that run in the demo's own process.
 PROCESS_STAGES: Dict[str, Callable[[DemoConfig], dict]] = {
     "corpus": stage_corpus, "generate": stage_generate, "evaluate": stage_evaluate, "report": stage_report}
-# Stages of one group run at once: the tokenizer and the retriever train on
-# the procedural stream, not on the written corpus (concurrent on 2 cores
-# they finish about 1.25x sooner than one after the other).
-GROUPS = (("corpus", "vqgan", "clip"), ("task_data",), ("train",), ("generate",), ("evaluate",), ("report",))
-STAGE_TITLES = {
-    "corpus": "shapes corpus", "vqgan": "VQ-GAN image tokenizer", "clip": "CLIP retriever",
-    "task_data": "prepare + embed + index", "train": "train the tiny CM3Leon", "generate": "generate",
-    "evaluate": "evaluate", "report": "report"}
-assert tuple(n for g in GROUPS for n in g) == STAGES
 
 
 def _head(name: str) -> str:

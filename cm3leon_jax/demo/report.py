@@ -149,7 +149,7 @@ def generate_command(c, s, keep: Optional[int] = None) -> str:
 
 
 def write_report(c) -> dict:
-    from cm3leon_jax.demo.pipeline import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
+    from cm3leon_jax.demo.stages import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
 
     out = c.path()
     ab = c.ablations

@@ -1,6 +1,6 @@
 """Scores for a `cm3leon generate` output dir (its samples.json and PNGs):
 
-- `shapes_accuracy`: the analytic shapes checker (eval/shapes_check.py) on
+- `shapes_accuracy`: the analytic shapes checker (data/shapes_check.py) on
   every sample against its prompt: the share of samples whose every stated
   fact holds ("accuracy"), the mean share of facts that hold, the same for
   the top-ranked sample of each prompt (CLIP rerank: best of N), the same
@@ -22,6 +22,8 @@ import os
 from typing import Dict, List
 
 import numpy as np
+
+from cm3leon_jax.data.images import read_rgb as load_image
 
 SAMPLES_FILE = "samples.json"
 
@@ -59,20 +61,14 @@ def sample_files(out_dir: str, which: str = "all") -> List[str]:
     return [r["file"] for r in read_samples(out_dir) if keep[which](r)]
 
 
-def load_image(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), np.uint8)
-
-
 def _summary(values: List[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
 def shapes_accuracy(out_dir: str) -> dict:
-    from cm3leon_jax.demo import shapes
-    from cm3leon_jax.eval import shapes_breakdown, shapes_check
+    from cm3leon_jax.data import shapes
+    from cm3leon_jax.data import shapes_check
+    from cm3leon_jax.eval import shapes_breakdown
 
     rows = read_samples(out_dir)
     every, top, first = (shapes_breakdown.Breakdown() for _ in range(3))

@@ -78,7 +78,7 @@ def summarize(results) -> dict:
 def score_images(images, captions) -> dict:
     """`summarize` of the checker's scores of images [N, H, W, 3] against
     their captions."""
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes_check
 
     return summarize(shapes_check.score(im, c) for im, c in zip(images, captions))
 
@@ -89,12 +89,12 @@ def tokenizer_ceiling(vqgan_dir: str, image_folder: str, limit: int | None = Non
     import json
     import os
 
-    from cm3leon_jax.eval.samples import load_image
+    from cm3leon_jax.data.images import read_rgb
     from cm3leon_jax.models.image_tokenizer import ImageTokenizer, reconstruct
 
     with open(os.path.join(image_folder, "captions.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()][:limit]
     if not rows:
         raise ValueError(f"{image_folder!r}: captions.jsonl lists no images")
-    images = np.stack([load_image(os.path.join(image_folder, r["file"])) for r in rows])
+    images = np.stack([read_rgb(os.path.join(image_folder, r["file"])) for r in rows])
     return score_images(reconstruct(ImageTokenizer.from_model_dir(vqgan_dir), images), [r["caption"] for r in rows])

@@ -390,7 +390,7 @@ def convert_to_model_dir(hf_dir: str, out_dir: str, num_mask_tokens: int = 32, d
     import jax
     import jax.numpy as jnp
 
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     del tensors
     os.makedirs(out_dir, exist_ok=True)

@@ -214,7 +214,7 @@ def write_params_dir(model_dir: str, config_file: str, cfg, params, source: str)
     import jax
     import jax.numpy as jnp
 
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     _write_config(model_dir, config_file, cfg)
     ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), 1, None, async_save=False)
@@ -228,7 +228,7 @@ def read_params_dir(model_dir: str, abstract) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     ckptr = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), 1, None, async_save=False)
     step = ckptr.latest_step()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3leon_jax.data.images import from_model_range, to_model_range
+from cm3leon_jax.models.pixels import from_model_range, to_model_range
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
 
 
@@ -35,7 +35,7 @@ class ImageTokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str, batch_size: int = 16) -> "ImageTokenizer":
-        from cm3leon_jax.train.vqgan_trainer import load_vqgan
+        from cm3leon_jax.models.vqgan_dir import load_vqgan
 
         cfg, params = load_vqgan(model_dir)
         return cls(cfg, params, batch_size)

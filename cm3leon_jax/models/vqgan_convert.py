@@ -122,13 +122,13 @@ def load_hf_vqgan(path: str, resolution: Optional[int] = None) -> Tuple[VQGANCon
 
 
 def convert_to_model_dir(src: str, out_dir: str, resolution: Optional[int] = None) -> dict:
-    """Converts and writes `out_dir` in the layout `vqgan_trainer.load_vqgan` reads."""
+    """Converts and writes `out_dir` in the layout `vqgan_dir.load_vqgan` reads."""
     import jax
     import jax.numpy as jnp
 
     from cm3leon_jax.models.vqgan import VQGAN
-    from cm3leon_jax.train import checkpoints as ckpt_lib
-    from cm3leon_jax.train.vqgan_trainer import save_config
+    from cm3leon_jax import checkpoints as ckpt_lib
+    from cm3leon_jax.models.vqgan_dir import save_config
 
     cfg, params, report = load_hf_vqgan(src, resolution)
     abstract = jax.eval_shape(lambda: VQGAN(cfg).init(

@@ -128,6 +128,7 @@ class ClipEncoder:
         import jax
         import jax.numpy as jnp
 
+        from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
         from cm3leon_jax.models import clip as clip_lib
         from cm3leon_jax.models import clip_convert
 
@@ -140,7 +141,7 @@ class ClipEncoder:
         self.batch_size = int(batch_size)
         self.cfg, params = clip_convert.load_clip(clip_dir)
         self.params = jax.tree.map(jnp.asarray, params)
-        self.tokenizer = clip_lib.CLIPTextTokenizer.from_model_dir(clip_dir, text_tokenizer=text_tokenizer)
+        self.tokenizer = CLIPTextTokenizer.from_model_dir(clip_dir, text_tokenizer=text_tokenizer)
         model = clip_lib.CLIP(self.cfg)
         self._text = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask,
                                                               method=clip_lib.CLIP.encode_text))
@@ -240,7 +241,7 @@ class _Prepared:
 
 
 def _prepare_chunk(source, encoder: ClipEncoder, start: int, stop: int, modality: str) -> _Prepared:
-    from cm3leon_jax.data.sources import SkippedDocument
+    from cm3leon_jax.data.documents import SkippedDocument
 
     ids, captions, has_text, has_image, hashes, texts, images, skipped = [], [], [], [], [], [], [], []
     for i in range(start, stop):

@@ -56,7 +56,7 @@ class ModelBundle:
 
 def checkpoint_steps(model_dir: str) -> List[int]:
     """The steps of a model dir's saved checkpoints, oldest first."""
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     directory = ckpt_lib.checkpoint_dir(model_dir)
     return sorted(int(p) for p in paths_lib.listdir(directory) if p.isdigit()) \
@@ -67,7 +67,7 @@ def _latest_params(model_dir: str, step: Optional[int] = None):
     """(step, params) of the latest readable checkpoint, or of `step`."""
     import orbax.checkpoint as ocp
 
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     directory = ckpt_lib.checkpoint_dir(model_dir)
     steps = checkpoint_steps(model_dir)[::-1]
@@ -127,16 +127,13 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
             models = json.load(f).get("models", {})
     elif task:
         from cm3leon_jax.data import pipeline
-        from cm3leon_jax.sft import records as sft_records
-        from cm3leon_jax.sft import tasks as sft_tasks
 
         try:
             sft = pipeline.is_prefix_lm(task)
         except ValueError:
             sft = False
-        sft_dir = sft_tasks.sft_data_dir_of(task) if sft else None
-        if sft_dir and paths_lib.isfile(os.path.join(sft_dir, sft_records.MANIFEST)):
-            models = sft_records.read_manifest(sft_dir).get("models", {})
+        if sft:
+            models = pipeline.prefix_lm_data_models(task)
     index_dir = None
     if bank_dir:
         index_dir = os.path.join(os.path.dirname(bank_dir), tasks_lib.INDEX_SUBDIR)
@@ -290,20 +287,6 @@ class Generator:
         codes = self.vq.encode(image[None])[0].reshape(-1)
         return self.b.vocab.image_code_to_id(codes.astype(np.int64)).astype(np.int32)
 
-    def edit_image(self, image: np.ndarray, instruction: str, num_samples: int, settings, seed: int):
-        """Image + instruction -> images (editing, image-to-image grounded
-        generation) with a fine-tuned model: uint8 [N, H, W, 3]. With
-        guidance, two-scale guidance (settings.image_cfg_scale and cfg_scale;
-        sft/infer.py). Sample j draws from fold_in(PRNGKey(seed + j), 0)."""
-        from cm3leon_jax.sft import infer
-
-        text = self.text.encode(instruction)
-        if not text.size:
-            raise ValueError("empty instruction: give --prompt")
-        prompts = [(text.tolist(), self.image_ids(image).tolist())] * num_samples
-        codes = infer.complete(self, prompts, output="image", settings=settings, seed=seed)
-        return self.vq.decode(np.stack(codes))
-
     def text_from_image(self, image: np.ndarray, prompt: str, settings, seed: int, max_tokens: int = 64) -> str:
         import jax
         import jax.numpy as jnp
@@ -312,11 +295,11 @@ class Generator:
 
         ids = self.image_ids(image).tolist()
         if self.b.sft:  # a fine-tuned model: instruction <break> image <break> (sft/format.py)
-            from cm3leon_jax.sft import format as sft_format
+            from cm3leon_jax.sampling import prompt_formats
 
             if not prompt:
                 raise ValueError("a fine-tuned model needs the instruction: pass --prompt")
-            toks = sft_format.layout(self.text.encode(prompt), ids, [])[0].tolist()
+            toks = prompt_formats.layout("sft")(self.text.encode(prompt), ids, [])[0].tolist()
         else:
             toks = ids + [vocab_lib.BREAK_ID] + (self.text.encode(prompt).tolist() if prompt else [])
         ct, cs = sampler.left_pad([toks])

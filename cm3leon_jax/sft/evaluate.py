@@ -1,13 +1,13 @@
 """Scoring a fine-tuned model on held-out shapes instruction examples.
 
 `evaluate(model_dir, data_dir)` runs every family's validation records of a
-prepared shapes instruction corpus (demo/instructions.py) through the model
+prepared shapes instruction corpus (sft/shapes_instructions.py) through the model
 (sft/infer.py) and scores the outputs against the exact ground truth the
 records carry:
 
     vqa         exact match of the answer (lower-cased, whitespace
                 collapsed), overall and per question type
-    captioning  checker facts: `eval.shapes_check.score(true image, generated
+    captioning  checker facts: `data.shapes_check.score(true image, generated
                 caption)`'s share of true facts (count, colours, kinds,
                 sizes, positions, relations), a caption that does not parse
                 scoring 0; and the share of captions with every fact true
@@ -35,7 +35,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from cm3leon_jax.demo import instructions, shapes
+from cm3leon_jax.data import shapes
+from cm3leon_jax.sft import shapes_instructions as instructions
 from cm3leon_jax.sft import format as fmt
 
 NEAR = 0.1  # image fractions: a detection this close to a shape's centre is "at its place"
@@ -62,7 +63,7 @@ def _scene(meta: dict, resolution: int):
 
 
 def caption_scores(predictions: Sequence[str], metas: Sequence[dict], resolution: int) -> dict:
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes_check
 
     fractions, alls, unparsed = [], [], 0
     for p, m in zip(predictions, metas):
@@ -96,7 +97,7 @@ def edit_check(image: np.ndarray, meta: dict, resolution: int) -> dict:
     """{"change", "preserved", "success"} of one edited image (module docstring)."""
     from scipy.optimize import linear_sum_assignment
 
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes_check
 
     before = list(_scene(meta, resolution).shapes)
     after = instructions.edit_scene(before, meta["op"], meta["target"], meta.get("new_color"))
@@ -134,7 +135,7 @@ def edit_scores(images: np.ndarray, metas: Sequence[dict], resolution: int) -> d
 
 
 def image_caption_scores(images: np.ndarray, metas: Sequence[dict]) -> dict:
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes_check
 
     rs = [shapes_check.score(img, m["caption"]) for img, m in zip(images, metas)]
     return {"accuracy": float(np.mean([r["all_correct"] for r in rs])) if rs else 0.0,

@@ -43,6 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.sampling import prompt_formats
 
 EDITING = "editing"
 GROUNDED = "grounded"          # image-to-image grounded generation (edges, segmentation, ...)
@@ -185,3 +186,6 @@ def crop_box(box_xywh, width: float, height: float, label: str) -> Optional[Box]
     if x1 <= x0 or y1 <= y0:
         return None
     return Box(label, x0, y0, x1, y1)
+
+
+prompt_formats.register_layout("sft", layout)

@@ -1,7 +1,7 @@
 """Instruction records -> a prepared SFT dataset.
 
-An *instruction record* is what a converter (data/sft_sources.py, the shapes
-instruction corpus in demo/instructions.py) produces, one JSON object per
+An *instruction record* is what a converter (sft/sources.py, the shapes
+instruction corpus in sft/shapes_instructions.py) produces, one JSON object per
 line of an `instructions.jsonl`:
 
     {"id": "...", "task": "editing" | "grounded" | "spatial" | "detection"

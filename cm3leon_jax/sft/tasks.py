@@ -19,7 +19,7 @@ inputs and targets and puts the loss on the targets only;
 every token. TASK_FEATURE_LENGTHS needs both lengths; a length shorter than
 the longest example of the data is refused (SeqIO would cut it silently).
 
-Built-in tasks over the shapes instruction corpus (demo/instructions.py),
+Built-in tasks over the shapes instruction corpus (sft/shapes_instructions.py),
 read from `shapes_sft_data_dir()` (gin `shapes_sft_data_dir.path`, else
 `$CM3LEON_SHAPES_SFT_DATA`, else ./demo_out/sft_data): `shapes_sft_FAMILY`
 for each family and `shapes_sft_mixture` (all six, at the rates of
@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
+from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.tasks import resolve_path
 from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
 from cm3leon_jax.sft import format as fmt
@@ -289,4 +290,14 @@ def register_builtin():
                                                               for f in fmt.FAMILIES])
 
 
+def sft_data_models(name: str) -> dict:
+    """The model dirs (VQ-GAN, BPE, ...) an SFT task's prepared data names in
+    its manifest; {} when the task's data dir or manifest is missing."""
+    sft_dir = sft_data_dir_of(name)
+    if sft_dir and paths_lib.isfile(os.path.join(sft_dir, rec_lib.MANIFEST)):
+        return rec_lib.read_manifest(sft_dir).get("models", {})
+    return {}
+
+
+pipeline.register_prefix_lm(sft_feature_converter, sft_data_models)
 register_builtin()

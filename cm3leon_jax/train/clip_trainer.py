@@ -53,9 +53,10 @@ import numpy as np
 import optax
 
 from cm3leon_jax import model_dir_lock
+from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
 from cm3leon_jax.models import clip_convert
-from cm3leon_jax.models.clip import (CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEXT_TOKENIZER_SUBDIR,
-                                     CLIPConfig, CLIPTextTokenizer, l2_normalize, tiny_config)
+from cm3leon_jax.models.clip import (CLIP, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TEXT_TOKENIZER_SUBDIR, CLIPConfig,
+                                     l2_normalize, tiny_config)
 from cm3leon_jax.train import loop as loop_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import optimizer as optimizer_lib
@@ -187,7 +188,7 @@ def mirror_caption(caption: str) -> str:
     in positions ("in the top left" -> "in the top right") and relations
     ("to the left of" -> "to the right of"); read and rebuilt through the
     corpus grammar (`shapes.caption_facts` / `make_caption`)."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     def swap(phrase):
         return None if phrase is None else " ".join(_LEFT_RIGHT.get(w, w) for w in phrase.split())
@@ -225,7 +226,7 @@ def sibling_scene(specs, relations, rng: np.random.Generator, first: str = "spat
     Random batches almost never hold two lone shapes alike but for their
     cell, so without spatial siblings a CLIP learns to ignore where shapes are.
     """
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     def caption(sp, rel):
         return shapes.make_caption(shapes.ShapesExample(None, "", tuple(sp), tuple(rel)).facts)
@@ -292,7 +293,7 @@ def shapes_examples_with_siblings(seed: int, num_scenes: int, resolution: int,
     k). Example i + k S is scene i's k-th sibling (k >= 1): a group of G is
     one scene and its one-edit variants. A scene no edit changes is its own
     sibling (never: a kind change always changes the caption)."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     scenes = [shapes.generate_example(seed, i, resolution) for i in range(num_scenes)]
     images, captions = [e.image for e in scenes], [e.caption for e in scenes]
@@ -312,7 +313,7 @@ def shapes_examples_with_siblings(seed: int, num_scenes: int, resolution: int,
 def shapes_examples(seed: int, start: int, num: int, resolution: int):
     """(uint8 images [num, R, R, 3], captions) of examples [start, start + num)
     of the shapes stream `seed`."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     examples = [shapes.generate_example(seed, i, resolution) for i in range(start, start + num)]
     return np.stack([e.image for e in examples]), [e.caption for e in examples]
@@ -385,7 +386,7 @@ def retrieval_top1(query_emb, query_captions: Sequence[str], image_emb, images,
     (the pool index of each caption's own image) adds how often that exact
     image is top-1.
     """
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes_check
 
     sims = np.asarray(l2_normalize(jnp.asarray(query_emb))) @ np.asarray(l2_normalize(jnp.asarray(image_emb))).T
     top1 = np.argmax(sims, axis=1)
@@ -430,8 +431,8 @@ def evaluate_retrieval(cfg: CLIPConfig, params, tokenizer: CLIPTextTokenizer, po
     of shapes in the caption, how often the caption's own image is top-1, and
     the checker's accuracy on the own images (the ceiling, ~1.0).
     """
-    from cm3leon_jax.demo import shapes
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes
+    from cm3leon_jax.data import shapes_check
 
     if not 0 < num_queries <= pool_size:
         raise ValueError(f"train_clip.eval_queries={num_queries} must be in [1, eval_pool={pool_size}]: "

@@ -16,7 +16,7 @@ from typing import Any, Callable, Tuple
 import jax
 import numpy as np
 
-from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
 
 

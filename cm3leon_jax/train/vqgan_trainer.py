@@ -25,14 +25,13 @@ import numpy as np
 import optax
 
 from cm3leon_jax import model_dir_lock
-from cm3leon_jax.data.images import from_model_range, to_model_range
 from cm3leon_jax.models import lpips as lpips_lib
+from cm3leon_jax.models.pixels import from_model_range, to_model_range
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig
-from cm3leon_jax.train import checkpoints as ckpt_lib
+# The trainer writes the model dir that load_vqgan reads back.
+from cm3leon_jax.models.vqgan_dir import load_vqgan, save_config  # noqa: F401
 from cm3leon_jax.train import loop as loop_lib
 from cm3leon_jax.train import metrics as metrics_lib
-
-CONFIG_FILE = "vqgan_config.json"
 
 
 class PatchDiscriminator(nn.Module):
@@ -67,45 +66,10 @@ class VQTrainState:
 
 def shapes_batch(seed: int, start: int, batch_size: int, resolution: int) -> np.ndarray:
     """Images [start, start + batch) of the shapes stream `seed`, in [-1, 1]."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     imgs = [shapes.generate_example(seed, i, resolution).image for i in range(start, start + batch_size)]
     return to_model_range(np.stack(imgs))
-
-
-def save_config(model_dir: str, cfg: VQGANConfig):
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-
-def load_config(model_dir: str) -> VQGANConfig:
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} not found: {model_dir} is not a VQ-GAN model dir "
-                         "(train one with `cm3leon tokenizer train-image` or import one with "
-                         "`cm3leon convert vqgan`)")
-    with open(path) as f:
-        return VQGANConfig(**json.load(f))
-
-
-def load_vqgan(model_dir: str):
-    """(VQGANConfig, params) from a model dir written by training or convert."""
-    cfg = load_config(model_dir)
-    ckptr = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(model_dir), 1, None, async_save=False)
-    abstract = jax.eval_shape(lambda: VQGAN(cfg).init(
-        jax.random.PRNGKey(0), jnp.zeros((1, cfg.resolution, cfg.resolution, cfg.in_channels)))["params"])
-    step = ckptr.latest_step()
-    if step is None:
-        raise ValueError(f"{model_dir}: no checkpoint found under checkpoints/")
-    import orbax.checkpoint as ocp
-    restored = ocp.StandardCheckpointer().restore(
-        os.path.join(ckpt_lib.checkpoint_dir(model_dir), str(step), ckpt_lib.STATE))
-    ckptr.close()
-    # a training checkpoint holds the train state: its EMA params when kept
-    params = restored.get("ema_params") or restored["params"] if "params" in restored else restored
-    jax.tree.map(lambda a, b: None, abstract, params)  # structure check: raises on mismatch
-    return cfg, params
 
 
 def edge_weights(images, edge_weight: float):
@@ -352,8 +316,8 @@ def train_vqgan(*,
 def evaluate_reconstructions(cfg: VQGANConfig, params, num_images: int, seed: int,
                              batch_size: int = 50) -> dict:
     """Held-out shapes: checker accuracy on reconstructions, codebook usage."""
-    from cm3leon_jax.demo import shapes
-    from cm3leon_jax.eval import shapes_check
+    from cm3leon_jax.data import shapes
+    from cm3leon_jax.data import shapes_check
     from cm3leon_jax.models.image_tokenizer import ImageTokenizer
 
     tok = ImageTokenizer(cfg, params, batch_size=min(batch_size, max(num_images, 1)))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3leon_jax.demo import shapes
+from cm3leon_jax.data import shapes
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "retrieval"))
 from tiny_clip import shared_clip_dir  # noqa: E402
@@ -56,7 +56,7 @@ def random_vq_params(cfg, seed=0):
 
 def make_vq_dir(path: str, **overrides) -> str:
     from cm3leon_jax.models.vqgan import small_config
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
     from cm3leon_jax.train import vqgan_trainer
 
     cfg = small_config(**dict(MICRO, **overrides))

@@ -16,7 +16,7 @@ import sys
 import pytest
 from PIL import Image
 
-from cm3leon_jax.demo import shapes
+from cm3leon_jax.data import shapes
 from tests.conftest import REPO
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.data.images import BadImageError, from_model_range, load_image, to_model_range
+from cm3leon_jax.data.images import BadImageError, load_image
+from cm3leon_jax.models.pixels import from_model_range, to_model_range
 
 
 def _png_bytes(img):

@@ -23,8 +23,9 @@ from cm3leon_jax.data import prepare, prepared
 from cm3leon_jax.data.images import load_image
 from cm3leon_jax.data.sources import open_source
 from cm3leon_jax.data.tokenizers import TextTokenizer
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.models.clip import CLIP, CLIPTextTokenizer, preprocess_images
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
+from cm3leon_jax.models.clip import CLIP, preprocess_images
 from cm3leon_jax.models.clip_convert import load_clip
 from cm3leon_jax.models.image_tokenizer import ImageTokenizer
 from tests.conftest import run_cli

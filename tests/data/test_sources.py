@@ -11,7 +11,7 @@ from PIL import Image
 
 from cm3leon_jax.data import sources
 from cm3leon_jax.data.sources import ImageFolderSource, ShapesSource, SkippedDocument, open_source
-from cm3leon_jax.demo import shapes
+from cm3leon_jax.data import shapes
 
 
 def test_shapes_source_is_the_shapes_stream():

@@ -81,7 +81,7 @@ def _write_pngs(directory, images):
 
 @pytest.mark.slow
 def test_clip_fid_same_distribution_is_far_below_shapes_vs_noise(tmp_path):
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
     from tiny_clip import shared_clip_dir
 
     n = 2048

@@ -166,7 +166,7 @@ def _random_model(images):
 
 @pytest.mark.slow
 def test_features_match_the_pytorch_build_with_the_same_weights(tmp_path):
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
     from cm3leon_jax.eval import inception
 
     rng = np.random.default_rng(0)

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.eval import samples, shapes_check
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes_check
+from cm3leon_jax.eval import samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tests"))

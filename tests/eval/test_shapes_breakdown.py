@@ -44,7 +44,7 @@ def test_unknown_fact_names_are_an_error():
 def test_real_images_score_perfectly():
     """The checker reads ground-truth images exactly: the breakdown of the
     real images is all ones (the ceiling a perfect tokenizer gives)."""
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     exs = list(shapes.generate(5, 30))
     got = shapes_breakdown.score_images(np.stack([e.image for e in exs]), [e.caption for e in exs])

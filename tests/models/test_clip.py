@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from cm3leon_jax import cli
-from cm3leon_jax.models.clip import (CLIP, CLIPConfig, CLIPTextTokenizer, document_key, l2_normalize,
-                                     preprocess_images, tiny_config, vit_b32_config)
+from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
+from cm3leon_jax.models.clip import (CLIP, CLIPConfig, document_key, l2_normalize, preprocess_images, tiny_config,
+                                     vit_b32_config)
 from cm3leon_jax.models.clip_convert import convert_to_model_dir, load_clip, load_hf_clip
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from cm3leon_jax.models.vqgan import VQGAN, VQGANConfig, nearest_codes, small_config
 from cm3leon_jax import cli
 from cm3leon_jax.models.vqgan_convert import load_hf_vqgan
-from cm3leon_jax.train.vqgan_trainer import load_vqgan
+from cm3leon_jax.models.vqgan_dir import load_vqgan
 
 
 @pytest.fixture(scope="module")

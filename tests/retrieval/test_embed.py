@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.data.sources import ShapesSource, SkippedDocument, open_source
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.models.clip import CLIP, CLIPTextTokenizer, preprocess_images
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
+from cm3leon_jax.models.clip import CLIP, preprocess_images
 from cm3leon_jax.models.clip_convert import load_clip
 from cm3leon_jax.retrieval import embed
 from tiny_clip import shared_clip_dir

@@ -145,7 +145,7 @@ def _coco_fixture(root, n=20):
     corrupt image."""
     from PIL import Image
 
-    from cm3leon_jax.demo import shapes
+    from cm3leon_jax.data import shapes
 
     (root / "val2014").mkdir(parents=True)
     (root / "annotations").mkdir()

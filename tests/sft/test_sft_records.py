@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from task_data import make_bpe, make_vq_dir  # noqa: E402
 
 from cm3leon_jax import vocab as vocab_lib  # noqa: E402
-from cm3leon_jax.demo import instructions, shapes  # noqa: E402
+from cm3leon_jax.data import shapes  # noqa: E402
+from cm3leon_jax.sft import shapes_instructions as instructions  # noqa: E402
 from cm3leon_jax.sft import format as fmt  # noqa: E402
 from cm3leon_jax.sft import records  # noqa: E402
 

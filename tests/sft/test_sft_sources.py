@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.data import sft_sources
+from cm3leon_jax.sft import sources as sft_sources
 from cm3leon_jax.sft import format as fmt
 from cm3leon_jax.sft import records
 

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.eval import shapes_check
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes_check
 from cm3leon_jax.models import clip_convert
-from cm3leon_jax.models.clip import CLIP, CLIPTextTokenizer, preprocess_images, tiny_config
+from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
+from cm3leon_jax.models.clip import CLIP, preprocess_images, tiny_config
 from cm3leon_jax.train import clip_trainer as ct
 from conftest import REPO, run_cli
 

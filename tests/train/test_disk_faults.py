@@ -16,7 +16,7 @@ from conftest import REPO, SMALL
 from disk_full import DiskFull
 from test_model_dir_lock import _plant, dead_pid
 from cm3leon_jax import model_dir_lock as lock_lib
-from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax import checkpoints as ckpt_lib
 
 
 def _steps(ckpt_dir):

@@ -67,7 +67,7 @@ sys.path.insert(0, {repo!r})
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 {ram_epath}
 from cm3leon_jax import cli
-from cm3leon_jax.train import checkpoints as ckpt_lib
+from cm3leon_jax import checkpoints as ckpt_lib
 local_ckpt = {local_ckpt!r}
 ckpt_lib.checkpoint_dir = lambda model_dir: local_ckpt  # tensorstore has no ram://
 {guard}
@@ -182,7 +182,7 @@ def test_config_gin_written_to_and_parsed_from_a_url(gfile):
 
 def test_finetune_reads_a_url_init_model_dir(gfile):
     from cm3leon_jax.commands import sft as commands
-    from cm3leon_jax.train import checkpoints as ckpt_lib
+    from cm3leon_jax import checkpoints as ckpt_lib
 
     run = "ram://pre/run"
     _put(gfile, run + "/config.gin", "DecoderConfig.num_layers = 2\nUnifiedVocabulary.text_vocab_size = 300\n"

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.demo.shapes import CaptionFacts, Relation, ShapeFact
-from cm3leon_jax.eval import shapes_check
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data.shapes import CaptionFacts, Relation, ShapeFact
+from cm3leon_jax.data import shapes_check
 
 
 def _all_correct_rate(images_and_captions):

@@ -54,7 +54,7 @@ from typing import Optional, Union
 import numpy as np
 from scipy import ndimage
 
-from cm3leon_jax.demo import shapes
+from cm3leon_jax.data import shapes
 
 _COLOR_NAMES = tuple(shapes.COLORS)
 _BG = np.array(shapes.BACKGROUND, np.float32)

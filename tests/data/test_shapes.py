@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.demo import shapes
-from cm3leon_jax.demo.shapes import CaptionFacts, Relation, ShapeFact, ShapeSpec
+from cm3leon_jax.data import shapes
+from cm3leon_jax.data.shapes import CaptionFacts, Relation, ShapeFact, ShapeSpec
 
 
 @pytest.mark.parametrize("resolution", [64, 256])

@@ -1,5 +1,5 @@
 """The shapes instruction corpus: every SFT task family built from the
-procedural shapes scenes (demo/shapes.py) with exact ground truth, so a
+procedural shapes scenes (data/shapes.py) with exact ground truth, so a
 fine-tuned model is scored by the analytic checker and by exact match.
 
 Families (sft/format.py) and their instructions:
@@ -44,7 +44,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from cm3leon_jax.demo import shapes
+from cm3leon_jax.data import shapes
 from cm3leon_jax.sft import format as fmt
 
 TRAIN_STREAM, HELDOUT_STREAM = 1000, 2000
