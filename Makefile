@@ -24,8 +24,11 @@ venv: $(STAMP)
 # workers on 2 cores take 18 min (516 tests, clean clone, 2026-12-04); 21 min
 # on 2026-12-06's CPU (527 tests, the memorisation test among them: ~2 min).
 # pytest's exit 5 ("no tests collected") is reported and fails like any error.
+# lint-imports first: the layer contracts (.importlinter, ARCHITECTURE.md)
+# fail the target before any test runs.
 TEST_WORKERS ?= 2
 test: $(STAMP)
+	$(BIN)/lint-imports
 	@$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 

@@ -39,9 +39,10 @@ install_requires = [
 extras_require = {
     # torch==2.13.0 is the CPU wheel on disk; any other spec pulls a CUDA build.
     # libtpu: `cm3leon compile` AOT-compiles for TPU topologies on this CPU host
-    # (tests/train/test_compile.py); nbclient + ipykernel run the Colab notebook.
+    # (tests/train/test_compile.py); nbclient + ipykernel run the Colab notebook;
+    # import-linter checks the layers (.importlinter, ARCHITECTURE.md).
     "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "libtpu==0.0.42.*",
-             "nbclient", "nbformat", "ipykernel"],
+             "nbclient", "nbformat", "ipykernel", "import-linter"],
     "torch": ["torch==2.13.0"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}", "libtpu==0.0.42.*"],
 }
