@@ -296,6 +296,7 @@ def test_vqa_to_sft(tmp_path, models, coco):
     assert all(row in want for row in _weighted_rows(batch))
 
 
+@pytest.mark.slow
 def test_coco_detection_to_sft(tmp_path, models, coco):
     out = tmp_path / "sft_det"
     proc = _run("coco_detection", f"--coco_dir={coco}", f"--out={out}", *_model_flags(models, False))
