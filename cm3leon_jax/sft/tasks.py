@@ -143,7 +143,7 @@ class SFTDataSource(seqio.DataSource):
             return dict(out, task=ex["task"], id=ex["id"])
 
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if shuffle:
+        if shuffle and n:  # an empty family (rate 0 in a mixture) has nothing to shuffle
             ds = ds.shuffle(min(n, 100_000), seed=seed, reshuffle_each_iteration=True)
         return ds
 

@@ -136,6 +136,22 @@ def test_task_without_input_and_decoder_length(sft_task):
     assert batch["decoder_loss_weights"][0][:8].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
 
 
+def test_a_family_the_data_lacks_reads_as_empty_when_shuffled(sft_task):
+    """corpus_sft_mixture over data without one family (no recipe makes
+    'grounded') gives that family rate 0; its source must read as empty, not
+    fail in tf.data's shuffle(buffer_size=0)."""
+    import seqio
+
+    from cm3leon_jax.sft import tasks
+
+    tasks.register_sft_task("test_sft_captioning", sft_task, "captioning", replace=True)
+    try:
+        source = seqio.get_mixture_or_task("test_sft_captioning").source
+        assert list(source.get_dataset("train", shuffle=True, seed=0)) == []
+    finally:
+        seqio.TaskRegistry.remove("test_sft_captioning")
+
+
 def test_condition_dropout_replaces_conditions_with_mask(tmp_path):
     import tensorflow as tf
 
