@@ -178,6 +178,18 @@ def instructpix2pix(src: str) -> Tuple[List[dict], collections.Counter]:
     return out, skipped
 
 
+def _annotation_image(ann, by_id: Dict[int, dict]) -> tuple:
+    """(image id, image entry) of a COCO annotation; `_Skip` naming what is
+    wrong with it otherwise."""
+    if not isinstance(ann, dict):
+        raise _Skip("malformed annotation")
+    image_id = _int(ann.get("image_id"), "malformed annotation")
+    im = by_id.get(image_id)
+    if im is None:
+        raise _Skip("unknown image id")
+    return image_id, im
+
+
 def _images_by_id(data: dict, skipped: collections.Counter) -> Dict[int, dict]:
     """COCO "images" by id; an entry without an integer id or a file name is
     counted ("malformed image entry") and left out."""
@@ -200,12 +212,7 @@ def coco_captions(annotations: str, images: str) -> Tuple[List[dict], collection
     out = []
     for ann in data["annotations"]:
         try:
-            if not isinstance(ann, dict):
-                raise _Skip("malformed annotation")
-            image_id = _int(ann.get("image_id"), "malformed annotation")
-            im = by_id.get(image_id)
-            if im is None:
-                raise _Skip("unknown image id")
+            image_id, im = _annotation_image(ann, by_id)
             caption = _text(ann.get("caption"), "caption")
             if not caption:
                 raise _Skip("empty text")
@@ -291,12 +298,7 @@ def coco_detection(annotations: str, images: str, tasks=(fmt.DETECTION, fmt.SPAT
     by_id = _images_by_id(data, skipped)
     for ann in data["annotations"]:
         try:
-            if not isinstance(ann, dict):
-                raise _Skip("malformed annotation")
-            image_id = _int(ann.get("image_id"), "malformed annotation")
-            im = by_id.get(image_id)
-            if im is None:
-                raise _Skip("unknown image id")
+            image_id, im = _annotation_image(ann, by_id)
             if ann.get("iscrowd"):
                 raise _Skip("crowd box")
             width, height = _number(im.get("width")), _number(im.get("height"))
