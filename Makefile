@@ -24,7 +24,7 @@ venv: $(STAMP)
 # workers on 2 cores take 18 min (516 tests, clean clone, 2026-12-04); 21 min
 # on 2026-12-06's CPU (527 tests, the memorisation test among them: ~2 min);
 # 26 min 42 s for 631 tests on a clean clone later that day, under hypervisor
-# steal with a training beside it (issues 26-27 added ~45 tests): to trim.
+# steal with a training beside it (issues 26-27 added ~100 tests): to trim.
 # pytest's exit 5 ("no tests collected") is reported and fails like any error.
 # lint-imports first: the layer contracts (.importlinter, ARCHITECTURE.md)
 # fail the target before any test runs.
