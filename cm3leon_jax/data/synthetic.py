@@ -14,7 +14,7 @@ import seqio
 import tensorflow as tf
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
+from cm3leon_jax.data.seqio_vocabularies import UnifiedIdsVocabulary
 
 TASK_NAME = "synthetic_lm"
 IMAGE_TOKENS = 16

@@ -67,7 +67,7 @@ from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import retrieval_aug
-from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
+from cm3leon_jax.data.seqio_vocabularies import UnifiedIdsVocabulary
 
 PathSpec = Union[str, Callable[[], str]]
 

@@ -42,7 +42,7 @@ from cm3leon_jax import paths as paths_lib
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.tasks import resolve_path
-from cm3leon_jax.data.tokenizers import UnifiedIdsVocabulary
+from cm3leon_jax.data.seqio_vocabularies import UnifiedIdsVocabulary
 from cm3leon_jax.sft import format as fmt
 from cm3leon_jax.sft import records as rec_lib
 

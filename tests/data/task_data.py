@@ -68,7 +68,7 @@ def make_vq_dir(path: str, **overrides) -> str:
 
 
 def make_bpe(path: str, vocab_size: int, extra_lines=()) -> str:
-    from cm3leon_jax.data.tokenizers import train_text_tokenizer
+    from cm3leon_jax.data.bpe_training import train_text_tokenizer
 
     os.makedirs(path, exist_ok=True)
     corpus = os.path.join(path, "captions.txt")

@@ -167,7 +167,7 @@ def test_tokenizer_corpus_is_cleaned(tmp_path):
     a lone surrogate (valid JSON) or control characters do not reach the BPE
     trainer; a caption that is not a string is counted, not fatal; JSON that
     Python cannot read is an error naming the line."""
-    from cm3leon_jax.data.tokenizers import iter_documents
+    from cm3leon_jax.data.bpe_training import iter_documents
 
     p = tmp_path / "c.jsonl"
     p.write_text('{"caption": "abc \\udcff"}\n{"caption": 3}\n{"caption": "a\\u0000b\\r\\nc"}\n')

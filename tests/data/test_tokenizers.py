@@ -1,5 +1,6 @@
-"""Tests of the byte-level BPE text tokenizer, the image-code vocabulary and
-their SeqIO wrappers (cm3leon_jax/data/tokenizers.py)."""
+"""Tests of the byte-level BPE text tokenizer (its training,
+cm3leon_jax/data/bpe_training.py, and its runtime, data/tokenizers.py), the
+image-code vocabulary and their SeqIO wrappers (data/seqio_vocabularies.py)."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,8 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cm3leon_jax.data import bpe_training
+from cm3leon_jax.data import seqio_vocabularies as vocabs
 from cm3leon_jax.data import tokenizers as tok_lib
 from cm3leon_jax.vocab import UnifiedVocabulary
 
@@ -44,7 +47,7 @@ def trained_dir() -> str:
     function-scoped fixtures, and training twice is wasted time)."""
     d = tempfile.mkdtemp(prefix="cm3_bpe_")
     src = write_corpus(os.path.join(d, "corpus.txt"), corpus_lines())
-    return tok_lib.train_text_tokenizer([src], BPE_SIZE, os.path.join(d, "bpe"))
+    return bpe_training.train_text_tokenizer([src], BPE_SIZE, os.path.join(d, "bpe"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +111,7 @@ def test_specials_are_skipped_and_batches_agree(a, b, special):
     np.testing.assert_array_equal(batch[0], tok.encode(a))
     np.testing.assert_array_equal(batch[1], tok.encode(b))
     # SeqIO's decode stops at the first <eos> (=1).
-    voc = tok_lib.CM3TextVocabulary(trained_dir(), SMALL)
+    voc = vocabs.CM3TextVocabulary(trained_dir(), SMALL)
     assert voc.encode(a) == tok.encode(a).tolist()
     assert voc.decode(voc.encode(a) + [1] + voc.encode(b)) == a
 
@@ -131,10 +134,10 @@ def test_decode_image_ids_and_out_of_range():
 
 def test_seqio_task_tokenizes_like_text_tokenizer_and_decode_tf_round_trips():
     texts = ["a cat on the mat", "東京の写真 🙂", "", "naïve café\nnext line"]
-    voc = tok_lib.CM3TextVocabulary(trained_dir(), SMALL)
+    voc = vocabs.CM3TextVocabulary(trained_dir(), SMALL)
     assert voc.vocab_size == SMALL.size and voc.eos_id == 1 and voc.unk_id is None and voc.pad_id == 0
-    assert voc == tok_lib.CM3TextVocabulary(trained_dir(), SMALL)
-    assert voc != tok_lib.CM3ImageVocabulary(SMALL)
+    assert voc == vocabs.CM3TextVocabulary(trained_dir(), SMALL)
+    assert voc != vocabs.CM3ImageVocabulary(SMALL)
 
     def dataset_fn(split, shuffle_files, seed=None):
         del split, shuffle_files, seed
@@ -176,7 +179,7 @@ def test_seqio_task_tokenizes_like_text_tokenizer_and_decode_tf_round_trips():
 
 
 def test_image_vocabulary_round_trip_and_range():
-    voc = tok_lib.CM3ImageVocabulary(SMALL)
+    voc = vocabs.CM3ImageVocabulary(SMALL)
     assert voc.vocab_size == SMALL.size and voc.eos_id == 1 and voc.unk_id is None
     codes = np.array([[0, 1, 2], [1021, 1022, 1023]])
     ids = voc.encode(codes)
@@ -200,8 +203,8 @@ def test_image_vocabulary_round_trip_and_range():
     assert batch.to_list() == [codes.reshape(-1).tolist(), []]
     with pytest.raises(tf.errors.InvalidArgumentError):
         voc.encode_tf(tf.constant([3, 1024]))
-    assert voc == tok_lib.CM3ImageVocabulary(SMALL)
-    assert voc != tok_lib.CM3ImageVocabulary(UnifiedVocabulary(image_codebook_size=8, text_vocab_size=300))
+    assert voc == vocabs.CM3ImageVocabulary(SMALL)
+    assert voc != vocabs.CM3ImageVocabulary(UnifiedVocabulary(image_codebook_size=8, text_vocab_size=300))
 
 
 # -- inputs, sizes, errors -------------------------------------------------------
@@ -214,7 +217,7 @@ def test_jsonl_captions_and_small_corpus_padding(tmp_path):
         f.write(json.dumps({"url": "no caption"}) + "\n")
     size = 5000  # far more than this corpus can fill: padded, not a crash
     with pytest.warns(UserWarning, match="supports only"):
-        out = tok_lib.train_text_tokenizer([str(src)], size, str(tmp_path / "bpe"))
+        out = bpe_training.train_text_tokenizer([str(src)], size, str(tmp_path / "bpe"))
     m = json.loads((tmp_path / "bpe" / "manifest.json").read_text())
     assert m["vocab_size"] == size and 256 < m["learned_vocab_size"] < size
     assert m["skipped_records"] == 1
@@ -232,22 +235,22 @@ def test_jsonl_captions_and_small_corpus_padding(tmp_path):
 def test_bad_inputs(tmp_path):
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(ValueError, match="nope.txt"):
-        tok_lib.train_text_tokenizer([missing], 300, str(tmp_path / "o"))
+        bpe_training.train_text_tokenizer([missing], 300, str(tmp_path / "o"))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.txt.*empty"):
-        tok_lib.train_text_tokenizer([str(empty)], 300, str(tmp_path / "o"))
+        bpe_training.train_text_tokenizer([str(empty)], 300, str(tmp_path / "o"))
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     with pytest.raises(ValueError, match="blank.txt.*no documents"):
-        tok_lib.train_text_tokenizer([str(blank)], 300, str(tmp_path / "o"))
+        bpe_training.train_text_tokenizer([str(blank)], 300, str(tmp_path / "o"))
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"caption": "ok"}\n{not json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
-        tok_lib.train_text_tokenizer([str(bad_json)], 300, str(tmp_path / "o"))
+        bpe_training.train_text_tokenizer([str(bad_json)], 300, str(tmp_path / "o"))
     good = write_corpus(tmp_path / "good.txt", ["some text here"])
     with pytest.raises(ValueError, match="below 256"):
-        tok_lib.train_text_tokenizer([good], 100, str(tmp_path / "o"))
+        bpe_training.train_text_tokenizer([good], 100, str(tmp_path / "o"))
     with pytest.raises(ValueError, match="no tokenizer"):
         tok_lib.TextTokenizer(str(tmp_path / "o"), SMALL)
 
@@ -256,15 +259,15 @@ def test_tokenizer_trained_for_another_size_is_rejected():
     with pytest.raises(ValueError, match=f"trained for {BPE_SIZE} BPE ids.*text_vocab_size=56256"):
         tok_lib.TextTokenizer(trained_dir(), UnifiedVocabulary())
     with pytest.raises(ValueError, match="text_vocab_size = 400"):
-        tok_lib.CM3TextVocabulary(trained_dir(), UnifiedVocabulary(text_vocab_size=401))
+        vocabs.CM3TextVocabulary(trained_dir(), UnifiedVocabulary(text_vocab_size=401))
 
 
 def test_train_text_main(tmp_path, capsys):
     src = write_corpus(tmp_path / "c.txt", corpus_lines(100, seed=1))
-    assert tok_lib.train_text_main([src], 300, str(tmp_path / "bpe")) == 0
+    assert bpe_training.train_text_main([src], 300, str(tmp_path / "bpe")) == 0
     out = capsys.readouterr().out
     assert "read 100 documents" in out and "300 BPE ids" in out
     assert "UnifiedVocabulary.text_vocab_size = 300" in out
     tok_lib.TextTokenizer(str(tmp_path / "bpe" / "tokenizer.json"), UnifiedVocabulary(text_vocab_size=300))
-    assert tok_lib.train_text_main([str(tmp_path / "missing.txt")], 300, str(tmp_path / "x")) == 1
+    assert bpe_training.train_text_main([str(tmp_path / "missing.txt")], 300, str(tmp_path / "x")) == 1
     assert "missing.txt" in capsys.readouterr().err

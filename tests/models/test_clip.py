@@ -251,10 +251,11 @@ def test_hf_tokenizer_ids_truncation_padding_and_end_to_end(tiny):
 
 def test_fallback_to_project_bpe(tmp_path):
     from cm3leon_jax.data import tokenizers as tok_lib
+    from cm3leon_jax.data.bpe_training import train_text_tokenizer
 
     (tmp_path / "corpus.txt").write_text("\n".join(["a cat sits on the mat", "two dogs run at night",
                                                     "a photo of a red barn"] * 20) + "\n")
-    bpe_dir = tok_lib.train_text_tokenizer([str(tmp_path / "corpus.txt")], 280, str(tmp_path / "bpe"))
+    bpe_dir = train_text_tokenizer([str(tmp_path / "corpus.txt")], 280, str(tmp_path / "bpe"))
     with pytest.raises(ValueError, match="text_tokenizer"):
         CLIPTextTokenizer.from_model_dir(str(tmp_path), max_length=8)
     tok = CLIPTextTokenizer.from_model_dir(str(tmp_path), text_tokenizer=bpe_dir, max_length=8)
