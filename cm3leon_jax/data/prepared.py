@@ -1,7 +1,7 @@
 """Reading a `cm3leon prepare` output (data/prepare.py writes it).
 
-Record format: one msgpack map per record (keys: the list in data/prepare.py's
-docstring; arrays as raw
+Record format: one msgpack map per record (keys: the list in
+data/prepare_worker.py's docstring; arrays as raw
 little-endian bytes: `text_ids`/`image_ids` "<i4", embeddings "<f4"; "v" is
 the format version); `decode_record` reads one.
 

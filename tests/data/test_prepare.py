@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm3leon_jax.data import prepare, prepared
+from cm3leon_jax.data import prepare, prepare_worker, prepared
 from cm3leon_jax.data.images import load_image
 from cm3leon_jax.data.sources import open_source
 from cm3leon_jax.data.tokenizers import TextTokenizer
@@ -249,7 +249,7 @@ def test_webdataset_samples_are_the_webdataset_librarys(wds_run):
 def test_interrupted_run_recomputes_only_the_missing_shard(wds_run, models, tmp_path):
     out = str(tmp_path / "copy")
     shutil.copytree(wds_run["out"], out)
-    lost = prepare.shard_stem(1, 3) + prepare.RECORD_SUFFIX
+    lost = prepare_worker.shard_stem(1, 3) + prepare.RECORD_SUFFIX
     os.remove(os.path.join(out, lost))
     kept = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".array_record")}
     report = prepare.prepare(f"webdataset:{wds_run['src']}/*.tar", out, **models, **wds_run["kw"])
@@ -265,7 +265,7 @@ def test_interrupted_run_recomputes_only_the_missing_shard(wds_run, models, tmp_
         np.testing.assert_array_equal(x["image_ids"], y["image_ids"])
         np.testing.assert_array_equal(x["text_ids"], y["text_ids"])
         np.testing.assert_allclose(x["image_embedding"], y["image_embedding"], atol=1e-6)
-    assert not [f for f in os.listdir(out) if f.startswith(prepare.TMP_PREFIX)]
+    assert not [f for f in os.listdir(out) if f.startswith(prepare_worker.TMP_PREFIX)]
 
 
 def test_other_settings_on_the_same_out_are_refused(wds_run, models):

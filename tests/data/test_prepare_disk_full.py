@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from cm3leon_jax.data import prepare, prepared
+from cm3leon_jax.data import prepare, prepare_worker, prepared
 from test_prepare import MAX_TOKENS, PER_SHARD, _webdataset, models, rows  # noqa: F401 - fixtures
 
 
@@ -53,7 +53,7 @@ def _check_failed_run(out, err, shard):
     assert err.value.errno == errno.ENOSPC
     assert str(err.value).startswith(f"cannot write shards to {out}: [Errno 28] No space left on device; free "
                                      "space and rerun the same command: the "), str(err.value)
-    assert prepare.shard_stem(shard, 3) + ".json" not in os.listdir(out)  # no commit mark
+    assert prepare_worker.shard_stem(shard, 3) + ".json" not in os.listdir(out)  # no commit mark
     with pytest.raises(ValueError, match="not complete|incomplete|rerun"):
         prepared.PreparedDataset(out)  # the reader refuses the unfinished dataset
 
@@ -64,7 +64,7 @@ def _check_rerun_completes(source, out, models):  # noqa: F811
     ds = prepared.PreparedDataset(out)
     assert len(ds) == 6 and sorted(ds.ids.tolist()) == [0, 1, 2, 5, 6, 7]
     assert all(ds[r]["image_ids"].size and ds[r]["text_ids"].size for r in range(6))
-    assert not [f for f in os.listdir(out) if f.startswith(prepare.TMP_PREFIX)]
+    assert not [f for f in os.listdir(out) if f.startswith(prepare_worker.TMP_PREFIX)]
 
 
 def test_a_record_file_cut_short_is_never_a_shard(source, models, tmp_path, monkeypatch):  # noqa: F811
@@ -75,7 +75,7 @@ def test_a_record_file_cut_short_is_never_a_shard(source, models, tmp_path, monk
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", _FillingWriter)
     with pytest.raises(OSError) as err:
         _run(source, out, models)
-    assert prepare.shard_stem(0, 3) + prepare.RECORD_SUFFIX not in os.listdir(out)
+    assert prepare_worker.shard_stem(0, 3) + prepare.RECORD_SUFFIX not in os.listdir(out)
     _check_failed_run(out, err, 0)
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", _FillingWriter.real)
     _check_rerun_completes(source, out, models)
@@ -86,7 +86,7 @@ def test_a_commit_mark_cut_short_is_never_a_shard(source, models, tmp_path, monk
     real_fsync = os.fsync
 
     def fsync(fd):  # the disk fills up as shard 1's JSON is flushed: half of it is on disk
-        if prepare.shard_stem(1, 3) + ".json" in os.readlink(f"/proc/self/fd/{fd}"):
+        if prepare_worker.shard_stem(1, 3) + ".json" in os.readlink(f"/proc/self/fd/{fd}"):
             os.ftruncate(fd, os.fstat(fd).st_size // 2)
             raise _enospc(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
