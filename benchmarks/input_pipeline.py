@@ -18,7 +18,7 @@ The ratio a/b says how many times faster the input is than training needs
 also the ratio in examples.
 
 Data: `--data_dir` (a `cm3leon task-data` dir, e.g. the demo's
-demo_out/data), else one built here (`tasks.build_task_data`, the code of
+demo_out/data), else one built here (`build_task_data`, the code of
 `cm3leon task-data`) on `shapes:--docs` with random-weight models at the
 demo's geometry: a VQ-GAN of gin/vqgan_shapes.gin's architecture (64x64 ->
 8x8 = 64 codes of 512), a 1,472-id BPE trained on shapes captions, and the
@@ -50,14 +50,14 @@ def build_data(docs: int, out: str) -> str:
     from task_data import TINY_TEXT_VOCAB, make_bpe, make_vq_dir
     from tiny_clip import make_clip_dir
 
-    from cm3leon_jax.data import tasks
+    from cm3leon_jax.data.task_data_builder import build_task_data
 
     t = time.time()
     models = {"vqgan_dir": make_vq_dir(os.path.join(out, "vqgan"), **SHAPES_VQ),
               "text_tokenizer": make_bpe(os.path.join(out, "text"), TINY_TEXT_VOCAB),
               "clip_dir": make_clip_dir(os.path.join(out, "clip"))}
     data = os.path.join(out, "data")
-    tasks.build_task_data(f"shapes:{docs}", data, **models, k=16, progress=False)
+    build_task_data(f"shapes:{docs}", data, **models, k=16, progress=False)
     say(f"built {docs}-document task data in {time.time() - t:.1f} s: {data} (kept; reuse it with --data_dir)")
     return data
 

@@ -151,10 +151,9 @@ def make_models(out: str) -> dict:
 
 
 def build_data(folder: str, out: str, models: dict) -> dict:
-    from cm3leon_jax.data import tasks
+    from cm3leon_jax.data.task_data_builder import build_task_data
 
-    return tasks.build_task_data(f"image_folder:{folder}", os.path.join(out, "data"), **models, k=16,
-                                 progress=False)
+    return build_task_data(f"image_folder:{folder}", os.path.join(out, "data"), **models, k=16, progress=False)
 
 
 # ---- training -------------------------------------------------------------------------------------------

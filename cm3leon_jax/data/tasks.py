@@ -2,7 +2,8 @@
 
 `register_cm3_task(name, prepared_dir, index_dir=None, ...)` registers a
 `seqio.Task` reading a `cm3leon prepare` output (and, for retrieval, the
-memory bank made from it with its neighbour table). Its pipeline:
+memory bank made from it with its neighbour table). Its pipeline (the
+steps: data/task_pipeline.py):
 
     source       PreparedDocumentSource: the document ids of the split,
                  one host's shard (`ids[index::num_shards]`), shuffled with
@@ -23,11 +24,8 @@ by `seqio.DecoderFeatureConverter(pack=True)` (data/pipeline.py), giving the
 DESIGN.md features (`decoder_target_tokens`, `decoder_input_tokens`,
 `decoder_loss_weights`, `decoder_segment_ids`, `decoder_positions`).
 
-Determinism: the document order is a pure function of (seed, epoch, host
-shard) and every stochastic step draws from a per-example seed that SeqIO's
-`map_over_dataset(num_seeds=1)` derives from the task seed, so the example
-stream, and with it the packed batches, is a pure function of (seed,
-position). data/pipeline.py's TrainIterator resumes it exactly.
+Determinism (the example stream is a pure function of (seed, position)):
+data/task_pipeline.py.
 
 Choices where the paper is silent (assumptions):
 
@@ -48,7 +46,8 @@ The built-in tasks `shapes_cm3` (no retrieval) and `shapes_cm3_retrieval`
 read the embedded shapes corpus from `shapes_data_dir()`: the gin binding
 `shapes_data_dir.path`, else `$CM3LEON_SHAPES_DATA`, else
 `./demo_out/data`; it holds `prepared/`, `bank/` (with `neighbours/`) and
-`index/`, as `build_task_data` (`cm3leon task-data`) writes them. The
+`index/`, as `build_task_data` (`cm3leon task-data`,
+data/task_data_builder.py) writes them. The
 mixture `shapes_cm3_mixture` samples both equally.
 """
 from __future__ import annotations
@@ -56,7 +55,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import gin
 import numpy as np
@@ -68,10 +67,10 @@ from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data import cm3 as cm3_lib
 from cm3leon_jax.data import retrieval_aug
 from cm3leon_jax.data.seqio_vocabularies import UnifiedIdsVocabulary
+from cm3leon_jax.data.task_pipeline import PreparedDocumentSource, cm3_objective, retrieval_augment
 
 PathSpec = Union[str, Callable[[], str]]
 
-SPLITS = ("train", "validation")
 SHAPES_DATA_ENV = "CM3LEON_SHAPES_DATA"
 PREPARED_SUBDIR, BANK_SUBDIR, INDEX_SUBDIR = "prepared", "bank", "index"
 SHAPES_TASK = "shapes_cm3"
@@ -232,116 +231,6 @@ def _task_data(task_name: str, prepared_dir: PathSpec, index_dir: Optional[PathS
         return _DATA[key]
 
 
-# =========================================================================== source
-
-
-class PreparedDocumentSource(seqio.DataSource):
-    """The document ids of a prepared dataset's split as
-    `{"doc_id": int64, "training": bool}`; a host shard is every
-    `num_shards`-th id from `index` (disjoint across hosts); shuffling is a
-    full permutation per epoch drawn from the seed (`reshuffle_each_iteration`:
-    SeqIO's repeat gives each epoch a new order, still a pure function of the
-    seed)."""
-
-    def __init__(self, data_fn: Callable[[], TaskData]):
-        self._data_fn = data_fn
-        super().__init__(splits=SPLITS, num_input_examples=None, caching_permitted=True)
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    def list_shards(self, split: str) -> Sequence[str]:
-        return [split]
-
-    def num_input_examples(self, split: str) -> Optional[int]:
-        # Deliberately unknown to SeqIO: it would cache a small source in memory
-        # (before the shuffle's per-epoch reshuffle) and freeze the order.
-        return None
-
-    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
-                    shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
-                    use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-        del sequence_length, use_cached, num_epochs
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; this task has {list(SPLITS)}")
-        data = self._data_fn()
-        # Built here, in the caller's thread, so a bad setting (e.g. query
-        # dropout's CLIP dir gone) is a Python error now, not a failure inside
-        # a tf.data worker thread later.
-        data.augmenter(split == "train")
-        data.objective()
-        ids = data.split_ids[split]
-        if shard_info is not None and shard_info.num_shards > 1:
-            if len(ids) < shard_info.num_shards:
-                raise ValueError(f"SeqIO task {data.task_name!r}: split {split!r} has {len(ids)} documents, "
-                                 f"fewer than the {shard_info.num_shards} host shards")
-            ids = ids[shard_info.index::shard_info.num_shards]
-        if not len(ids):
-            raise ValueError(f"SeqIO task {data.task_name!r}: split {split!r} has no documents "
-                             f"({len(data.prepared)} in the prepared dataset)")
-        ds = tf.data.Dataset.from_tensor_slices({
-            "doc_id": tf.constant(ids, tf.int64),
-            "training": tf.fill([len(ids)], split == "train")})
-        if shuffle:
-            ds = ds.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
-        return ds
-
-
-# =========================================================================== preprocessors
-
-
-def _rng(seed) -> np.random.Generator:
-    return np.random.default_rng([int(s) & 0xFFFFFFFF for s in np.asarray(seed).reshape(-1)])
-
-
-def retrieval_augment(ds: tf.data.Dataset, *, data_fn: Callable[[], TaskData]) -> tf.data.Dataset:
-    """{"doc_id", "training"} -> one example per sequence:
-    {"targets": int32 [L], "query_id": int64}. Training documents give the
-    augmenter's `num_sets` sequences, validation documents one."""
-
-    def build(doc_id, training, seed):
-        aug = data_fn().augmenter(bool(training))
-        rng = _rng(seed)
-        if training:
-            exs = aug.training_examples(int(doc_id), rng)
-        else:
-            exs = [aug.inference_example(int(doc_id), rng)]
-        flat = np.concatenate([e["targets"] for e in exs]).astype(np.int32)
-        return flat, np.asarray([len(e["targets"]) for e in exs], np.int64)
-
-    @seqio.map_over_dataset(num_seeds=1)
-    def augment(ex, seed):
-        flat, lengths = tf.numpy_function(build, [ex["doc_id"], ex["training"], seed], [tf.int32, tf.int64],
-                                          stateful=False)
-        flat.set_shape([None])
-        lengths.set_shape([None])
-        return {"flat": flat, "lengths": lengths, "doc_id": ex["doc_id"]}
-
-    def split(ex):
-        ends = tf.cumsum(ex["lengths"])
-        starts = ends - ex["lengths"]
-        return tf.data.Dataset.range(tf.size(ex["lengths"], out_type=tf.int64)).map(
-            lambda j: {"targets": ex["flat"][starts[j]:ends[j]], "query_id": ex["doc_id"]})
-
-    return augment(ds).flat_map(split)
-
-
-def cm3_objective(ds: tf.data.Dataset, *, data_fn: Callable[[], TaskData]) -> tf.data.Dataset:
-    """The CM3 objective on every `<eos>`-terminated document of "targets"."""
-
-    def transform(targets, seed):
-        return cm3_lib.apply_per_document(targets, data_fn().objective(), _rng(seed)).astype(np.int32)
-
-    @seqio.map_over_dataset(num_seeds=1)
-    def apply(ex, seed):
-        out = tf.numpy_function(transform, [ex["targets"], seed], tf.int32, stateful=False)
-        out.set_shape([None])
-        return dict(ex, targets=out)
-
-    return apply(ds)
-
-
 # =========================================================================== registration
 
 
@@ -444,49 +333,6 @@ def register_builtin():
         register_cm3_task(CORPUS_RETRIEVAL_TASK, _corpus_prepared, _corpus_bank)
     if SHAPES_MIXTURE not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add(SHAPES_MIXTURE, [(SHAPES_TASK, 1.0), (SHAPES_RETRIEVAL_TASK, 1.0)])
-
-
-# =========================================================================== building the data
-
-
-def build_task_data(source: str, data_dir: str, vqgan_dir: str, text_tokenizer: str, clip_dir: str, *,
-                    k: int = 16, max_text_tokens: int = 128, records_per_shard: int = 1000,
-                    progress: bool = True) -> dict:
-    """The data of a retrieval task in `data_dir`, with the real commands'
-    code: `cm3leon prepare` (prepared/), `cm3leon embed --source=prepared:`
-    (bank/, from the stored CLIP embeddings), `cm3leon index build` (index/)
-    and `cm3leon index neighbours` (bank/neighbours/). Each stage is skipped
-    when its output is complete, so an interrupted build continues."""
-    import json
-
-    from cm3leon_jax.data import prepare, prepared
-    from cm3leon_jax.retrieval import embed, neighbours
-    from cm3leon_jax.retrieval.index import INDEX_BANK_REF, MipsIndex
-
-    prepared_dir = os.path.join(data_dir, PREPARED_SUBDIR)
-    bank_dir = os.path.join(data_dir, BANK_SUBDIR)
-    index_dir = os.path.join(data_dir, INDEX_SUBDIR)
-    report = {"prepare": prepare.prepare(source, prepared_dir, vqgan_dir, text_tokenizer, clip_dir,
-                                         max_text_tokens=max_text_tokens, records_per_shard=records_per_shard,
-                                         progress=progress)}
-    ds = prepared.PreparedDataset(prepared_dir)
-    if not os.path.isfile(os.path.join(bank_dir, embed.BANK_FILE)) or report["prepare"]["new_records"]:
-        bank = prepared.bank_from_prepared(ds, clip_dir, bank_dir, text_tokenizer=text_tokenizer)
-        if bank is None:
-            raise ValueError(f"{clip_dir!r} is not the CLIP {prepared_dir!r} was prepared with")
-        report["bank"] = {"count": bank["count"]}
-    bank = embed.load_bank(bank_dir)
-    if not os.path.isdir(index_dir) or report.get("bank"):
-        index = MipsIndex.build(bank.embeddings, bank.ids, embedding_model=bank.embedding_model)
-        index.save(index_dir)
-        with open(os.path.join(index_dir, INDEX_BANK_REF), "w") as f:
-            json.dump({"bank_dir": os.path.abspath(bank_dir)}, f)
-        report["index"] = {"count": index.size, **index.params}
-    table = os.path.join(bank_dir, neighbours.TABLE_DIR, neighbours.MANIFEST_FILE)
-    if not os.path.isfile(table) or report.get("index"):
-        report["neighbours"] = neighbours.build_neighbour_table(bank_dir, index_dir, k=k, progress=progress)
-    report["data_dir"] = os.path.abspath(data_dir)
-    return report
 
 
 register_builtin()

@@ -2,9 +2,9 @@
 offline in seconds: a random-weight VQ-GAN (32x32 -> 4x4 codes of 512, the
 tiny model's codebook size), a BPE of the tiny model's text size trained on
 shapes captions, and the tiny random CLIP of tests/retrieval/tiny_clip.py.
-`shapes_task_data()` runs `tasks.build_task_data` (prepare, bank, index,
-neighbours) once per test process on `shapes:N` with them: the layout the
-built-in shapes tasks read (point $CM3LEON_SHAPES_DATA at it)."""
+`shapes_task_data()` runs `task_data_builder.build_task_data` (prepare, bank,
+index, neighbours) once per test process on `shapes:N` with them: the layout
+the built-in shapes tasks read (point $CM3LEON_SHAPES_DATA at it)."""
 from __future__ import annotations
 
 import atexit
@@ -91,10 +91,9 @@ def tiny_models() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def shapes_task_data(num_docs: int = NUM_DOCS) -> str:
-    from cm3leon_jax.data import tasks
+    from cm3leon_jax.data.task_data_builder import build_task_data
 
     base = tempfile.mkdtemp(prefix="shapes_task_data_")
     atexit.register(shutil.rmtree, base, ignore_errors=True)
-    tasks.build_task_data(f"shapes:{num_docs}", base, **tiny_models(), k=8, records_per_shard=100,
-                          progress=False)
+    build_task_data(f"shapes:{num_docs}", base, **tiny_models(), k=8, records_per_shard=100, progress=False)
     return base
