@@ -2,7 +2,7 @@
 parameters from `choose_params`) vs batched NumPy brute force, in one run.
 
 The bank is `clustered_bank(200_000, 512, 2_000, seed)` from
-cm3leon_jax/retrieval/index.py (the same generator as the tests): unit-norm
+cm3leon_jax/retrieval/synthetic.py (the same generator as the tests): unit-norm
 keys in 2,000 Gaussian clusters, the shape of a CLIP ViT-B/32 key bank
 (CM3Leon section 2.1 retrieves by MIPS over such keys).  Queries are fresh
 points from the same clusters.
@@ -41,7 +41,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import alternating_rounds, make_parser, say, timed_calls  # noqa: E402
-from cm3leon_jax.retrieval.index import MipsIndex, clustered_bank, exact_search, recall_at_k  # noqa: E402
+from cm3leon_jax.retrieval.exact import exact_search, recall_at_k  # noqa: E402
+from cm3leon_jax.retrieval.index import MipsIndex  # noqa: E402
+from cm3leon_jax.retrieval.synthetic import clustered_bank  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""Maximum inner product search (MIPS) over document keys.
+"""The MIPS index over document keys: build, search, save and load.
 
 CM3Leon (section 2.1, after RA-CM3) retrieves documents for a query by MIPS
 over dense keys: a document's key is the mean of the L2-normalised CLIP
@@ -11,11 +11,11 @@ best few hundred candidates are re-scored exactly ("reordering").
 
 Two kinds of index live here:
 
-- ``"brute_force"``: exact search in NumPy (`exact_search`), chosen for small
-  banks (fewer than `BRUTE_FORCE_MAX_N` keys) where a matmul is already fast
-  and ScaNN's training would cost more than it saves;
+- ``"brute_force"``: exact search in NumPy (`exact.exact_search`), chosen for
+  small banks (fewer than `index_params.BRUTE_FORCE_MAX_N` keys) where a
+  matmul is already fast and ScaNN's training would cost more than it saves;
 - ``"scann"``: ScaNN tree + AH + reorder, with parameters chosen from the bank
-  size by `choose_params` (each can be overridden).
+  size by `index_params.choose_params` (each can be overridden).
 
 `MipsIndex.search` returns the *document ids* given at build time, never row
 numbers, so a bank can be any subset of a corpus.  An index is saved as a
@@ -27,23 +27,20 @@ directory::
     ids.npy          int64 document ids, one per row
     scann/           ScaNN's own serialisation (kind "scann"), or
     embeddings.npy   the float32 keys (kind "brute_force")
-
-`clustered_bank` makes the synthetic clustered bank that the tests and
-`benchmarks/retrieval.py` share.
 """
 from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+
+from cm3leon_jax.retrieval.exact import as_matrix, check_k, exact_search
+from cm3leon_jax.retrieval.index_params import KINDS, SCANN_KEYS, choose_params
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -52,239 +49,8 @@ INDEX_BANK_REF = "source_bank.json"
 IDS_FILE = "ids.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
 SCANN_DIR = "scann"
-KINDS = ("brute_force", "scann")
 MANIFEST_FIELDS = ("format_version", "kind", "dim", "count", "embedding_model", "params",
                    "ids_file", "created")
-
-# Below this many keys the automatic choice is exact NumPy search.  Why 20,000
-# (measured on this 2-core machine, clustered unit-norm keys, 2,000 queries):
-# at n = 20,000 x 512 brute force already serves ~3,000 queries/s (0.3 ms
-# each) while ScaNN is only ~4x faster and its build (8.5 s, plus ~5 s to
-# import TensorFlow) pays back after ~30,000 queries; at 5,000 x 512 it is
-# 2.6x for 1.7 s of build.  CM3Leon issues one query per training example, so
-# small banks (tests, tiny configs, shards) lose nothing by staying exact, and
-# exact results make them deterministic.  At 200,000 x 512 the same machine
-# does ~200-350 exact queries/s and the index is ~40x faster, which is where
-# ScaNN is worth its build.  ScaNN also wants data: ~sqrt(n/2) leaves give
-# only ~200 keys per leaf at 20,000, below which k-means leaves and AH
-# codebooks are poorly fit.
-BRUTE_FORCE_MAX_N = 20_000
-# Forcing kind="scann" below this is refused: AH's 16 codewords per block and
-# the tree's k-means have nothing to learn from, and ScaNN errors out natively
-# on very small banks.
-SCANN_MIN_N = 1_000
-
-_SCANN_KEYS = ("num_leaves", "num_leaves_to_search", "training_sample_size",
-               "ah_training_sample_size", "dims_per_block", "anisotropic_quantization_threshold",
-               "reorder", "k")
-_PARAM_KEYS = ("kind",) + _SCANN_KEYS
-
-
-# --------------------------------------------------------------------------- exact search
-
-
-def _as_matrix(x, name: str, dim: Optional[int] = None) -> np.ndarray:
-    """float32, C-contiguous, 2-d, finite, with the expected width."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiub":
-        raise ValueError(f"{name} must be a numeric array, got dtype {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-d [rows, dim], got shape {a.shape}")
-    if dim is not None and a.shape[1] != dim:
-        raise ValueError(f"{name} have dimension {a.shape[1]} but the index has dimension {dim}: "
-                         "embed the queries with the model the index was built with "
-                         "(or rebuild the index)")
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not np.isfinite(a).all():
-        bad = np.unique(np.nonzero(~np.isfinite(a))[0])
-        raise ValueError(f"{name} contain non-finite values (NaN/inf) in {bad.size} row(s), "
-                         f"e.g. rows {bad[:5].tolist()}: drop or re-embed those rows")
-    return a
-
-
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (number of neighbours to return), got {k}")
-    return int(k)
-
-
-def _topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Row-wise indices of the k largest scores, best first, ties by lower
-    index.  argpartition is O(n) per row instead of a full sort; a tie that
-    straddles the k-th place is rare and fixed by a stable sort of that row."""
-    q, n = scores.shape
-    if k >= n:
-        part = np.broadcast_to(np.arange(n), (q, n)).copy()
-    else:
-        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
-        kth = np.take_along_axis(scores, part, 1).min(axis=1)
-        # More than k scores >= the k-th one means ties at the boundary, and
-        # argpartition may have kept a higher index than a tied lower one.
-        tied = np.nonzero((scores >= kth[:, None]).sum(axis=1) > k)[0]
-        for r in tied:
-            part[r] = np.argsort(-scores[r], kind="stable")[:k]
-    top = np.take_along_axis(scores, part, 1)
-    order = np.lexsort((part, -top), axis=1)  # last key primary: score desc, then index
-    return np.take_along_axis(part, order, 1)
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
-
-
-def _topk_parallel(scores: np.ndarray, k: int) -> np.ndarray:
-    """`_topk_rows` over row slices in threads.  The sgemm already uses every
-    core, but argpartition is single-threaded and, at 200k keys, costs as much
-    as the matmul; NumPy releases the GIL inside it, so threads split it.
-    Small blocks stay on the calling thread (pool overhead > work)."""
-    global _POOL
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if workers < 2 or scores.shape[0] < 2 or scores.size < (1 << 20):
-        return _topk_rows(scores, k)
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="exact_search")
-    bounds = np.linspace(0, scores.shape[0], min(workers, scores.shape[0]) + 1).astype(int)
-    parts = _POOL.map(lambda ab: _topk_rows(scores[ab[0]:ab[1]], k), zip(bounds[:-1], bounds[1:]))
-    return np.concatenate(list(parts), axis=0)
-
-
-def exact_search(bank, queries, k: int, chunk_bytes: int = 1 << 27) -> Tuple[np.ndarray, np.ndarray]:
-    """Brute-force MIPS: for each query the k rows of `bank` [N, D] with the
-    largest inner product, best first (ties by lower row).
-
-    Queries are processed in chunks so the [chunk, N] score block stays under
-    `chunk_bytes` (128 MiB by default) whatever Q is.  k > N is clamped to N.
-    Returns (row ids [Q, k] int64, scores [Q, k] float32).
-    """
-    bank = _as_matrix(bank, "bank")
-    if bank.shape[0] == 0:
-        raise ValueError("bank is empty (0 rows): nothing to search")
-    queries = _as_matrix(queries, "queries", dim=bank.shape[1])
-    k = min(_check_k(k), bank.shape[0])
-    n = bank.shape[0]
-    chunk = max(1, chunk_bytes // (4 * n))
-    ids = np.empty((queries.shape[0], k), np.int64)
-    scores = np.empty((queries.shape[0], k), np.float32)
-    for s in range(0, queries.shape[0], chunk):
-        block = queries[s:s + chunk] @ bank.T  # [c, N], BLAS sgemm on every core
-        top = _topk_parallel(block, k)
-        ids[s:s + chunk] = top
-        scores[s:s + chunk] = np.take_along_axis(block, top, 1)
-    return ids, scores
-
-
-def recall_at_k(approx_ids, exact_ids) -> float:
-    """Mean over queries of |approx ∩ exact| / |exact| (recall@k with k the
-    width of `exact_ids`).  Padding ids (-1) never count as hits."""
-    a = np.atleast_2d(np.asarray(approx_ids))
-    e = np.atleast_2d(np.asarray(exact_ids))
-    if a.shape[0] != e.shape[0]:
-        raise ValueError(f"recall_at_k: {a.shape[0]} approximate rows vs {e.shape[0]} exact rows")
-    if e.shape[1] == 0:
-        raise ValueError("recall_at_k: exact_ids has no columns")
-    hits = sum(len(set(ar.tolist()) & set(er.tolist()) - {-1}) for ar, er in zip(a, e))
-    return hits / float(e.size)
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-def choose_params(n: int, dim: int, k: int = 10, **overrides) -> Dict[str, Any]:
-    """ScaNN build/search parameters for a bank of `n` keys of width `dim`,
-    tuned for recall@k >= 0.95 on clustered unit-norm keys.
-
-    - n < BRUTE_FORCE_MAX_N: {"kind": "brute_force"} (see the constant's note).
-    - otherwise tree + AH + reorder (Guo et al. 2020), measured on
-      `clustered_bank(200_000, 512, 2_000)` (benchmarks/retrieval.py):
-
-      num_leaves = sqrt(n / 2) (316 at 200k).  sqrt(n) balances scoring the
-      centroids against scanning leaves; fewer, larger leaves cut clusters
-      less often, and at equal fraction of the bank scanned recall was higher
-      (316 leaves, 8 probed (2.5%): 0.97-0.98; 447 leaves, 14 probed (3.1%):
-      0.967; 600 leaves, 20 probed (3.3%): 0.934).
-      num_leaves_to_search = max(8, num_leaves / 40): 8 of 316 gives recall
-      ~0.98 at ~40x the speed of brute force; 6 gave 0.976, 4% of 447 0.96.
-      training_sample_size = min(n, 250,000) for the k-means tree.
-      ah_training_sample_size = min(n, 50,000): AH fits 16 codewords per 2-d
-      block, which 50k points pin down; 200k gave the same recall and took
-      the build from ~50 s to ~90 s.
-      dims_per_block = 2 (16 codewords each: 4 bits per 2 dims) and
-      anisotropic_quantization_threshold = 0.2, the ScaNN paper's setting for
-      unit-norm MIPS.
-      reorder = 10 x k candidates re-scored exactly in float32: with 8 of
-      316 leaves recall was 0.968 / 0.981 / 0.982 for 4 / 6 / 10 x k (2 x k:
-      0.85 on 447 leaves) and 20 x k added < 0.002.  6 x k is ~10% faster
-      here; 10 x k keeps a margin for keys whose AH error is larger.
-
-      On less clustered keys more leaves must be probed: on
-      clustered_bank(30_000, 64, 2_000) (15 keys per cluster, overlapping
-      neighbourhoods) the automatic 8 of 122 leaves give recall 0.64 and
-      64 leaves are needed for 0.97.  Check recall on real keys with
-      `recall_at_k` against `exact_search` and raise num_leaves_to_search
-      if it falls short (`MipsIndex.search(..., leaves_to_search=...)`
-      tries a value without rebuilding).
-
-    Any key can be overridden (`choose_params(n, d, num_leaves=1000)`,
-    `kind="scann"` to force ScaNN on a bank of >= SCANN_MIN_N keys);
-    unknown keys are a ValueError.
-    """
-    unknown = sorted(set(overrides) - set(_PARAM_KEYS))
-    if unknown:
-        raise ValueError(f"unknown index parameter(s) {unknown}; known: {list(_PARAM_KEYS)}")
-    n, dim, k = int(n), int(dim), _check_k(k)
-    if n < 1 or dim < 1:
-        raise ValueError(f"choose_params needs n >= 1 and dim >= 1, got n={n}, dim={dim}")
-    kind = overrides.get("kind") or ("brute_force" if n < BRUTE_FORCE_MAX_N else "scann")
-    if kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; use one of {list(KINDS)}")
-    if kind == "brute_force":
-        extra = sorted(set(overrides) - {"kind"})
-        if extra:
-            raise ValueError(f"parameters {extra} only apply to kind 'scann', but this bank of "
-                             f"{n} keys gets 'brute_force': pass kind='scann' to force ScaNN")
-        return {"kind": "brute_force"}
-    num_leaves = max(16, int(round(math.sqrt(n / 2))))
-    params = {
-        "kind": "scann",
-        "num_leaves": num_leaves,
-        "num_leaves_to_search": max(8, int(math.ceil(num_leaves / 40))),
-        "training_sample_size": min(n, 250_000),
-        "ah_training_sample_size": min(n, 50_000),
-        "dims_per_block": 2,
-        "anisotropic_quantization_threshold": 0.2,
-        "reorder": 10 * k,
-        "k": k,
-    }
-    params.update(overrides)
-    _validate_scann_params(params, n)
-    return params
-
-
-def _validate_scann_params(p: Dict[str, Any], n: int) -> None:
-    """Catch what ScaNN would reject natively (or silently misuse) up front."""
-    if n < SCANN_MIN_N:
-        raise ValueError(f"kind 'scann' needs at least {SCANN_MIN_N} keys to train its tree and "
-                         f"AH codebooks, the bank has {n}: use kind='brute_force'")
-    for key in ("num_leaves", "num_leaves_to_search", "training_sample_size",
-                "ah_training_sample_size", "dims_per_block", "reorder", "k"):
-        v = p.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"ScaNN parameter {key} must be a positive integer, got {v!r}")
-    if p["num_leaves"] > n // 2:
-        raise ValueError(f"num_leaves={p['num_leaves']} is too many for {n} keys "
-                         "(k-means needs several keys per leaf): use about sqrt(n)")
-    if p["num_leaves_to_search"] > p["num_leaves"]:
-        raise ValueError(f"num_leaves_to_search={p['num_leaves_to_search']} exceeds "
-                         f"num_leaves={p['num_leaves']}")
-    thr = p.get("anisotropic_quantization_threshold")
-    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not math.isfinite(thr):
-        raise ValueError(f"anisotropic_quantization_threshold must be a finite number, got {thr!r}")
-
-
-# --------------------------------------------------------------------------- the index
 
 
 def _import_scann():
@@ -320,7 +86,7 @@ class MipsIndex:
         automatic `choose_params(N, D)`; `overrides` adjust either.
         `embedding_model` names the key model (e.g. "clip-vit-b32") so `load`
         can refuse queries from another one."""
-        emb = _as_matrix(embeddings, "embeddings")
+        emb = as_matrix(embeddings, "embeddings")
         n, dim = emb.shape
         if n == 0:
             raise ValueError("embeddings are empty (0 rows): there is nothing to index")
@@ -380,7 +146,7 @@ class MipsIndex:
         `leaves_to_search` overrides the built-in num_leaves_to_search for
         this call (ScaNN kind; the exact kind has no leaves and ignores it).
         """
-        k = min(_check_k(k), self.size)
+        k = min(check_k(k), self.size)
         if leaves_to_search is not None and self.kind == "scann":
             nl = self.params["num_leaves"]
             if (isinstance(leaves_to_search, bool) or not isinstance(leaves_to_search, (int, np.integer))
@@ -393,7 +159,7 @@ class MipsIndex:
             q = q[None, :]
         # Checked here, before ScaNN sees it: a wrong width is a native crash
         # or silent garbage there.
-        q = _as_matrix(q, "queries", dim=self.dim)
+        q = as_matrix(q, "queries", dim=self.dim)
         if q.shape[0] == 0:
             rows = np.empty((0, k), np.int64)
             scores = np.empty((0, k), np.float32)
@@ -502,7 +268,7 @@ class MipsIndex:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"corrupt manifest {man_path!r}: {name} must be a positive "
                                  f"integer, got {v!r}; rebuild the index")
-        if not isinstance(params, dict) or (kind == "scann" and any(key not in params for key in _SCANN_KEYS)):
+        if not isinstance(params, dict) or (kind == "scann" and any(key not in params for key in SCANN_KEYS)):
             raise ValueError(f"corrupt manifest {man_path!r}: params {params!r} are incomplete "
                              f"for kind {kind!r}; rebuild the index")
         if expect_model is not None and expect_model != man["embedding_model"]:
@@ -566,33 +332,3 @@ def _check_ids(ids, n: int) -> np.ndarray:
         raise ValueError(f"ids contain {dup.size} duplicated value(s), e.g. {dup[:5].tolist()}: "
                          "each document needs a distinct id")
     return a
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-def clustered_bank(n: int, dim: int, n_clusters: int, seed: int, *, n_queries: int = 1000,
-                   noise: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
-    """A synthetic bank of unit-norm keys with cluster structure, standing in
-    for CLIP keys (which cluster by topic): `n_clusters` random unit centres,
-    each point = centre + Gaussian noise of expected norm `noise`, then
-    L2-normalised.  Queries are fresh points drawn the same way (so they are
-    not bank members).  Returns (bank [n, dim], queries [n_queries, dim]),
-    both float32; generated in chunks so memory stays ~ the output."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_clusters, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    sigma = np.float32(noise / math.sqrt(dim))
-
-    def draw(m):
-        out = np.empty((m, dim), np.float32)
-        for s in range(0, m, 65536):
-            c = min(65536, m - s)
-            x = rng.standard_normal((c, dim), dtype=np.float32)
-            x *= sigma
-            x += centres[rng.integers(0, n_clusters, c)]
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            out[s:s + c] = x
-        return out
-
-    return draw(n), draw(n_queries)

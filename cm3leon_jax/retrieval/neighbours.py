@@ -80,7 +80,8 @@ def build_neighbour_table(bank_dir: str, index_dir: str, k: int = 32, batch_size
     estimated on `recall_sample` random documents and recorded."""
     from tqdm import tqdm
 
-    from cm3leon_jax.retrieval.index import MipsIndex, exact_search, recall_at_k
+    from cm3leon_jax.retrieval.exact import exact_search, recall_at_k
+    from cm3leon_jax.retrieval.index import MipsIndex
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (candidates per document), got {k!r}")

@@ -10,8 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from cm3leon_jax.retrieval import index as ix
-from cm3leon_jax.retrieval.index import MipsIndex, clustered_bank, exact_search, recall_at_k
+from cm3leon_jax.retrieval.exact import exact_search, recall_at_k
+from cm3leon_jax.retrieval.index import MANIFEST_FIELDS, MipsIndex
+from cm3leon_jax.retrieval.index_params import choose_params
+from cm3leon_jax.retrieval.synthetic import clustered_bank
 
 # ---------------------------------------------------------------- exact search by hand
 
@@ -56,22 +58,22 @@ def test_recall_at_k():
 
 
 def test_choose_params_by_size_and_overrides():
-    assert ix.choose_params(19_999, 512) == {"kind": "brute_force"}
-    p = ix.choose_params(200_000, 512)
+    assert choose_params(19_999, 512) == {"kind": "brute_force"}
+    p = choose_params(200_000, 512)
     assert p["kind"] == "scann" and p["num_leaves"] == 316 and p["num_leaves_to_search"] == 8
     assert p["training_sample_size"] == 200_000 and p["dims_per_block"] == 2
     assert p["anisotropic_quantization_threshold"] == 0.2 and p["reorder"] == 100
-    assert ix.choose_params(10_000_000, 512)["training_sample_size"] == 250_000
-    assert ix.choose_params(200_000, 512, num_leaves=500)["num_leaves"] == 500
-    assert ix.choose_params(5_000, 64, kind="scann")["kind"] == "scann"
+    assert choose_params(10_000_000, 512)["training_sample_size"] == 250_000
+    assert choose_params(200_000, 512, num_leaves=500)["num_leaves"] == 500
+    assert choose_params(5_000, 64, kind="scann")["kind"] == "scann"
     with pytest.raises(ValueError, match="unknown index parameter"):
-        ix.choose_params(200_000, 512, num_leafs=5)
+        choose_params(200_000, 512, num_leafs=5)
     with pytest.raises(ValueError, match="only apply to kind 'scann'"):
-        ix.choose_params(100, 8, num_leaves=4)
+        choose_params(100, 8, num_leaves=4)
     with pytest.raises(ValueError, match="at least 1000 keys"):
         MipsIndex.build(BANK4, kind="scann")
     with pytest.raises(ValueError, match="exceeds num_leaves"):
-        ix.choose_params(200_000, 512, num_leaves_to_search=1000)
+        choose_params(200_000, 512, num_leaves_to_search=1000)
 
 
 # ---------------------------------------------------------------- ScaNN recall
@@ -149,7 +151,7 @@ def small():
 def _roundtrip(index, queries, path):
     index.save(str(path))
     man = json.load(open(path / "manifest.json"))
-    for field in ix.MANIFEST_FIELDS:
+    for field in MANIFEST_FIELDS:
         assert field in man
     assert man["count"] == index.size and man["dim"] == index.dim and man["kind"] == index.kind
     assert man["ids_file"] == "ids.npy" and os.path.isfile(path / "ids.npy")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.retrieval import embed, strategy
-from cm3leon_jax.retrieval.index import MipsIndex, clustered_bank, exact_search, recall_at_k
+from cm3leon_jax.retrieval.exact import exact_search, recall_at_k
+from cm3leon_jax.retrieval.index import MipsIndex
+from cm3leon_jax.retrieval.synthetic import clustered_bank
 from cm3leon_jax.retrieval.neighbours import NeighbourTable, build_neighbour_table, drop_self
 
 # unit keys at angles 0, 36.87, 90, 180 and 53.13 degrees

@@ -14,7 +14,8 @@ import pytest
 
 from cm3leon_jax import cli
 from cm3leon_jax.retrieval import embed
-from cm3leon_jax.retrieval.index import MipsIndex, exact_search
+from cm3leon_jax.retrieval.exact import exact_search
+from cm3leon_jax.retrieval.index import MipsIndex
 from tiny_clip import shared_clip_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
