@@ -218,17 +218,19 @@ def load_prepared(path: str, decode_images: bool = False) -> PreparedDataset:
 
 def bank_from_prepared(ds: PreparedDataset, clip_dir: str, out_dir: str, modality: str = "both",
                        text_tokenizer: Optional[str] = None) -> Optional[dict]:
-    """The memory bank (`retrieval.embed` layout) of a prepared dataset from
+    """The memory bank (`retrieval.bank` layout) of a prepared dataset from
     its stored embeddings, when `clip_dir` holds the CLIP it was prepared with
     (same fingerprint); None otherwise (the caller embeds the documents). A
-    document's key is `embed.document_keys` of the stored embeddings, as
+    document's key is `bank.document_keys` of the stored embeddings, as
     `embed_source` computes it."""
-    from cm3leon_jax.retrieval import embed
+    from cm3leon_jax.retrieval.bank import BANK_FILE, document_keys, write_bank
+    from cm3leon_jax.retrieval.clip_encoder import ClipEncoder, same_model
+    from cm3leon_jax.retrieval.embed import MODALITIES
 
-    if modality not in embed.MODALITIES:
-        raise ValueError(f"modality must be one of {list(embed.MODALITIES)}, got {modality!r}")
-    encoder = embed.ClipEncoder(clip_dir, batch_size=1, text_tokenizer=text_tokenizer)
-    if not embed.same_model(encoder.identity, ds.clip_identity):
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {list(MODALITIES)}, got {modality!r}")
+    encoder = ClipEncoder(clip_dir, batch_size=1, text_tokenizer=text_tokenizer)
+    if not same_model(encoder.identity, ds.clip_identity):
         return None
     n, d = len(ds), ds.embedding_dim
     text_emb, image_emb = np.zeros((n, d), np.float32), np.zeros((n, d), np.float32)
@@ -253,17 +255,17 @@ def bank_from_prepared(ds: PreparedDataset, clip_dir: str, out_dir: str, modalit
         skipped[f"no {modality} (modality={modality})"] = int((~keep).sum())
     if not keep.any():
         raise ValueError(f"prepared dataset {ds.path!r} has no document with {modality}")
-    keys = embed.document_keys(text_emb[keep], image_emb[keep], use_t[keep], use_i[keep])
+    keys = document_keys(text_emb[keep], image_emb[keep], use_t[keep], use_i[keep])
     mods = np.stack([has_t, has_i], axis=1)[keep]
-    existing = os.path.join(out_dir, embed.BANK_FILE)
+    existing = os.path.join(out_dir, BANK_FILE)
     if os.path.exists(existing):
         with open(existing) as f:
             old = json.load(f)
-        if old.get("source") != ds.spec or not embed.same_model(str(old.get("embedding_model")), encoder.identity) \
+        if old.get("source") != ds.spec or not same_model(str(old.get("embedding_model")), encoder.identity) \
                 or old.get("modality") != modality:
             raise ValueError(f"output dir {out_dir!r} holds another bank (source {old.get('source')!r}, modality "
                              f"{old.get('modality')!r}): use another --out, or delete it")
-    manifest = embed.write_bank(
+    manifest = write_bank(
         out_dir, keys, ids[keep], encoder.identity, modalities=mods,
         captions=[c for c, k in zip(captions, keep) if k], content_hashes=hashes[keep],
         clip_dir=encoder.clip_dir, modality=modality, source=ds.spec, source_size=n,

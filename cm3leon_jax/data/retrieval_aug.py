@@ -113,14 +113,14 @@ def layout(docs_tokens: Sequence[np.ndarray]) -> np.ndarray:
 
 class BankKeys:
     """Stored document keys of a memory bank (`cm3leon embed` output, or a
-    `retrieval.embed.Bank`) as a `candidate_keys` callable: ids -> [n, D]
+    `retrieval.bank.Bank`) as a `candidate_keys` callable: ids -> [n, D]
     float32; KeyError naming the first id the bank lacks."""
 
     def __init__(self, bank):
         if isinstance(bank, str):
-            from cm3leon_jax.retrieval import embed as embed_lib
+            from cm3leon_jax.retrieval.bank import load_bank
 
-            bank = embed_lib.load_bank(bank)
+            bank = load_bank(bank)
         self.bank = bank
 
     def __call__(self, doc_ids: Sequence[int]) -> np.ndarray:

@@ -99,7 +99,7 @@ class ClipFeatures:
     name = "clip"
 
     def __init__(self, clip_dir: str, batch_size: int = 64):
-        from cm3leon_jax.retrieval.embed import ClipEncoder
+        from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
 
         self.encoder = ClipEncoder(clip_dir, batch_size=batch_size)
         self.resolution = self.encoder.cfg.image_size

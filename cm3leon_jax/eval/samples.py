@@ -101,7 +101,7 @@ def shapes_accuracy(out_dir: str) -> dict:
 
 def clip_score(out_dir: str, clip_dir: str, batch_size: int = 64, encoder=None) -> dict:
     """`encoder`: an already loaded `ClipEncoder` of `clip_dir` (saves the load)."""
-    from cm3leon_jax.retrieval.embed import ClipEncoder
+    from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
 
     rows = read_samples(out_dir)
     enc = encoder or ClipEncoder(clip_dir, batch_size=batch_size)

@@ -36,7 +36,8 @@ from typing import List, Optional
 import numpy as np
 
 from cm3leon_jax import paths as paths_lib
-from cm3leon_jax.retrieval import embed as embed_lib
+from cm3leon_jax.retrieval.bank import load_bank
+from cm3leon_jax.retrieval.clip_encoder import same_model
 from cm3leon_jax.retrieval.strategy import Candidate
 
 TABLE_DIR = "neighbours"
@@ -60,7 +61,7 @@ def drop_self(query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray):
 
 
 def _check_pair(bank, index, bank_dir: str, index_dir: str) -> None:
-    if not embed_lib.same_model(bank.embedding_model, index.embedding_model):
+    if not same_model(bank.embedding_model, index.embedding_model):
         raise ValueError(f"index {index_dir!r} was built with embedding model {index.embedding_model!r} but "
                          f"bank {bank_dir!r} holds keys of {bank.embedding_model!r}: build the index from "
                          "this bank (`cm3leon index build`)")
@@ -85,7 +86,7 @@ def build_neighbour_table(bank_dir: str, index_dir: str, k: int = 32, batch_size
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1 (candidates per document), got {k!r}")
-    bank = embed_lib.load_bank(bank_dir)
+    bank = load_bank(bank_dir)
     index = MipsIndex.load(index_dir)
     _check_pair(bank, index, bank_dir, index_dir)
     n = len(bank)

@@ -6,7 +6,7 @@ query tokens before embedding, in training").
 kept ones, text ids then image ids, and the query document). This embedder
 decodes the kept text ids back to a caption with the data's BPE, embeds it
 with CLIP's text tower, and averages it with the query's stored image
-embedding, as a bank key is made (`embed.document_keys`).
+embedding, as a bank key is made (`bank.document_keys`).
 
 Assumption (the paper does not say how dropped image tokens are embedded):
 image tokens are never dropped from the key. CLIP's image tower sees pixels,
@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from cm3leon_jax.retrieval import embed as embed_lib
+from cm3leon_jax.retrieval.clip_encoder import ClipEncoder, same_model
 
 
 class ClipQueryEmbedder:
@@ -31,8 +31,8 @@ class ClipQueryEmbedder:
                  batch_size: int = 3):
         # batch_size: captions per CLIP call (the augmenter embeds its 3
         # retrieval sets' dropouts together)
-        self.encoder = embed_lib.ClipEncoder(clip_dir, batch_size=batch_size)
-        if expect_identity is not None and not embed_lib.same_model(self.encoder.identity, expect_identity):
+        self.encoder = ClipEncoder(clip_dir, batch_size=batch_size)
+        if expect_identity is not None and not same_model(self.encoder.identity, expect_identity):
             raise ValueError(f"query dropout: CLIP dir {clip_dir!r} ({self.encoder.identity}) is not the CLIP "
                              f"the data was embedded with ({expect_identity}); the re-scored keys would not "
                              "be comparable")

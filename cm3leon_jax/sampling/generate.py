@@ -193,7 +193,7 @@ class Generator:
     @property
     def clip(self):
         if self._clip is None:
-            from cm3leon_jax.retrieval.embed import ClipEncoder
+            from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
 
             self._clip = ClipEncoder(_need(self.b.clip_dir, "CLIP model dir", "--clip_dir"), batch_size=8)
         return self._clip
@@ -204,12 +204,13 @@ class Generator:
         if k <= 0:
             return []
         from cm3leon_jax.data.prepared import PreparedDataset
-        from cm3leon_jax.retrieval import embed, strategy
+        from cm3leon_jax.retrieval import strategy
+        from cm3leon_jax.retrieval.bank import load_bank
         from cm3leon_jax.retrieval.index import MipsIndex
 
         if self._retriever is None:
             index_dir = _need(self.b.index_dir, "retrieval index", "--data_dir (a `cm3leon task-data` dir)")
-            bank = embed.load_bank(_need(self.b.bank_dir, "memory bank", "--data_dir"))
+            bank = load_bank(_need(self.b.bank_dir, "memory bank", "--data_dir"))
             self._retriever = (MipsIndex.load(index_dir), bank, PreparedDataset(self.b.prepared_dir))
         index, bank, store = self._retriever
         key = self.clip.encode_texts([prompt])[0]

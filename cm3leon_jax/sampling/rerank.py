@@ -8,7 +8,7 @@ import numpy as np
 
 def clip_scores(encoder, prompt: str, images) -> np.ndarray:
     """Cosine similarities [N] of each image to the prompt (a
-    `retrieval.embed.ClipEncoder`; both embeddings are L2-normalised)."""
+    `retrieval.clip_encoder.ClipEncoder`; both embeddings are L2-normalised)."""
     text = encoder.encode_texts([prompt])[0]
     return np.asarray(encoder.encode_images(list(images)) @ text, np.float64)
 

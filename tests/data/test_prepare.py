@@ -280,7 +280,7 @@ def test_other_settings_on_the_same_out_are_refused(wds_run, models):
 def test_reader_grain_and_bank_from_stored_embeddings(wds_run, models, tmp_path):
     import grain
 
-    from cm3leon_jax.retrieval import embed
+    from cm3leon_jax.retrieval.bank import content_hash, load_bank
 
     ds = open_source(f"prepared:{wds_run['out']}")
     assert isinstance(ds, prepared.PreparedDataset) and ds.spec == f"prepared:{wds_run['out']}"
@@ -290,13 +290,13 @@ def test_reader_grain_and_bank_from_stored_embeddings(wds_run, models, tmp_path)
     assert rec["text"] == rec["caption"] and rec["image"].shape == (32, 32, 3) and rec["image"].dtype == np.uint8
     man = prepared.bank_from_prepared(ds, models["clip_dir"], str(tmp_path / "bank"))
     assert man["count"] == 6 and man["source"] == ds.spec
-    bank = embed.load_bank(str(tmp_path / "bank"))
+    bank = load_bank(str(tmp_path / "bank"))
     plain = prepared.PreparedDataset(wds_run["out"])
     want = np.stack([(plain[r]["text_embedding"] + plain[r]["image_embedding"]) / 2 for r in range(6)])
     np.testing.assert_array_equal(bank.ids, GOOD_IDS)
     np.testing.assert_allclose(bank.embeddings, want, atol=1e-7)
     assert bank.caption(3) == LONG_CAPTION
-    assert bank.content_hashes[0] == embed.content_hash(plain[0]["caption"], load_image(_rows()[0][1], 32))
+    assert bank.content_hashes[0] == content_hash(plain[0]["caption"], load_image(_rows()[0][1], 32))
 
 
 def test_tfds_dataset_not_present_locally_is_a_clear_error(tmp_path):

@@ -387,10 +387,10 @@ def test_missing_ids(table):
 
 
 def test_bank_keys(tmp_path):
-    from cm3leon_jax.retrieval import embed
+    from cm3leon_jax.retrieval.bank import write_bank
 
     keys = np.eye(3, dtype=np.float32)
-    embed.write_bank(str(tmp_path / "bank"), keys, [7, 5, 9], embedding_model="m")
+    write_bank(str(tmp_path / "bank"), keys, [7, 5, 9], embedding_model="m")
     bk = ra.BankKeys(str(tmp_path / "bank"))
     np.testing.assert_array_equal(bk([9, 7]), keys[[2, 0]])
     with pytest.raises(KeyError, match="6"):

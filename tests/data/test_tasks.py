@@ -251,11 +251,11 @@ def test_model_vocabulary_must_cover_the_task(data_dir, prepared):
 
 
 def test_query_dropout_embedder_against_the_bank(data_dir, prepared):
-    from cm3leon_jax.retrieval import embed
+    from cm3leon_jax.retrieval.bank import load_bank
     from cm3leon_jax.retrieval.query_dropout import ClipQueryEmbedder
 
     emb = ClipQueryEmbedder.for_prepared(prepared)
-    bank = embed.load_bank(os.path.join(data_dir, "bank"))
+    bank = load_bank(os.path.join(data_dir, "bank"))
     doc = prepared.by_id(7)
     full = np.concatenate([doc["text_ids"], doc["image_ids"]])
     # nothing dropped: the bank's own key of the document (caption re-decoded from its BPE ids)

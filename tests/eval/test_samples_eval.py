@@ -58,7 +58,7 @@ def test_shapes_accuracy_by_hand(out_dir):
 def test_clip_score_is_the_mean_cosine(out_dir):
     from PIL import Image
 
-    from cm3leon_jax.retrieval.embed import ClipEncoder
+    from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
     from tiny_clip import shared_clip_dir
 
     d, own, other = out_dir

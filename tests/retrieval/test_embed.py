@@ -18,6 +18,8 @@ from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
 from cm3leon_jax.models.clip import CLIP, preprocess_images
 from cm3leon_jax.models.clip_convert import load_clip
 from cm3leon_jax.retrieval import embed
+from cm3leon_jax.retrieval.bank import BANK_FILE, CHUNK_DIR, IDS_FILE, content_hash, load_bank, write_bank
+from cm3leon_jax.retrieval.clip_encoder import ClipEncoder, parse_identity, same_model
 from tiny_clip import shared_clip_dir
 
 
@@ -44,7 +46,7 @@ def clip_dir():
 
 @pytest.fixture(scope="module")
 def encoder(clip_dir):
-    return embed.ClipEncoder(clip_dir, batch_size=4)
+    return ClipEncoder(clip_dir, batch_size=4)
 
 
 def _mixed_docs():
@@ -93,7 +95,7 @@ def test_keys_match_numpy_from_the_models_own_outputs(tmp_path, clip_dir, encode
     i_of = {d[0]: i[k] for k, d in enumerate(d for d in docs if d[2] is not None)}
     want = np.stack([np.mean([e[d[0]] for e in (t_of, i_of) if d[0] in e], axis=0) for d in docs])
 
-    bank = embed.load_bank(str(tmp_path / "bank"))
+    bank = load_bank(str(tmp_path / "bank"))
     np.testing.assert_array_equal(bank.ids, [100, 101, 102, 103, 104, 105, 106])
     np.testing.assert_allclose(bank.embeddings, want, atol=2e-6)
     # not re-normalised: single-modality keys have norm 1, multimodal ones less
@@ -105,8 +107,8 @@ def test_keys_match_numpy_from_the_models_own_outputs(tmp_path, clip_dir, encode
     assert bank.rows([104, 999, 100]).tolist() == [4, -1, 0]
     # the content hash tells exact copies apart from the rest
     assert len(set(bank.content_hashes.tolist())) == 7
-    assert embed.content_hash(docs[0][1], docs[0][2]) == bank.content_hashes[0]
-    assert not os.path.exists(tmp_path / "bank" / embed.CHUNK_DIR)  # consolidated
+    assert content_hash(docs[0][1], docs[0][2]) == bank.content_hashes[0]
+    assert not os.path.exists(tmp_path / "bank" / CHUNK_DIR)  # consolidated
 
 
 @pytest.mark.parametrize("modality", ["text", "image"])
@@ -120,7 +122,7 @@ def test_single_modality_keys(tmp_path, clip_dir, encoder, modality):
     assert man["skipped"] == {f"no {modality} (modality={modality})": 2}
     t, i = (_direct(clip_dir, [d[1] for d in kept], []) if modality == "text"
             else _direct(clip_dir, [], [d[2] for d in kept]))
-    bank = embed.load_bank(str(tmp_path / modality))
+    bank = load_bank(str(tmp_path / modality))
     np.testing.assert_allclose(bank.embeddings, t if modality == "text" else i, atol=2e-6)
     # modalities describe the documents, not the key
     assert bank.modalities[:, 0].sum() + bank.modalities[:, 1].sum() > len(kept)
@@ -141,10 +143,10 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, clip_dir, encoder)
     part = str(tmp_path / "part")
     r = embed.embed_source(src, clip_dir, part, stop_after_chunks=3, **kw)
     assert r == {"complete": False, "chunks_done": 3, "chunks_total": 4, "resumed_chunks": 0}
-    assert not os.path.exists(os.path.join(part, embed.BANK_FILE))
+    assert not os.path.exists(os.path.join(part, BANK_FILE))
     with pytest.raises(FileNotFoundError, match="unfinished `cm3leon embed`"):
-        embed.load_bank(part)
-    chunk_dir = os.path.join(part, embed.CHUNK_DIR)
+        load_bank(part)
+    chunk_dir = os.path.join(part, CHUNK_DIR)
     assert sorted(os.listdir(chunk_dir)) == ["000000.npz", "000001.npz", "000002.npz"]
     os.remove(os.path.join(chunk_dir, "000002.npz"))                      # lost with the machine
     with open(os.path.join(chunk_dir, "000003.npz.tmp"), "wb") as f:      # a torn write
@@ -170,7 +172,7 @@ def test_skipped_documents_are_counted(tmp_path, clip_dir, encoder):
     assert man["count"] == 3
     assert man["skipped"] == {"corrupt or truncated image": 1, "captions.jsonl line is not JSON": 1}
     assert man["skipped_examples"] == [[2, "corrupt or truncated image"]]
-    np.testing.assert_array_equal(embed.load_bank(str(tmp_path / "bank")).ids, [0, 1, 3])
+    np.testing.assert_array_equal(load_bank(str(tmp_path / "bank")).ids, [0, 1, 3])
 
 
 def test_empty_and_all_skipped_sources(tmp_path, clip_dir, encoder):
@@ -185,23 +187,23 @@ def test_empty_and_all_skipped_sources(tmp_path, clip_dir, encoder):
 def test_identity_matches_by_fingerprint(tmp_path, clip_dir, encoder):
     copy = str(tmp_path / "copy")
     shutil.copytree(clip_dir, copy)
-    moved = embed.ClipEncoder(copy, batch_size=4)
+    moved = ClipEncoder(copy, batch_size=4)
     assert moved.identity != encoder.identity and moved.fingerprint == encoder.fingerprint
-    assert embed.same_model(moved.identity, encoder.identity)
-    assert embed.parse_identity(moved.identity) == (copy, encoder.fingerprint)
-    assert not embed.same_model(encoder.identity, f"clip:{clip_dir}#0123456789abcdef")
-    assert embed.parse_identity("clip-vit-b32") == (None, None)
+    assert same_model(moved.identity, encoder.identity)
+    assert parse_identity(moved.identity) == (copy, encoder.fingerprint)
+    assert not same_model(encoder.identity, f"clip:{clip_dir}#0123456789abcdef")
+    assert parse_identity("clip-vit-b32") == (None, None)
 
 
 def test_bank_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        embed.load_bank(str(tmp_path / "nope"))
+        load_bank(str(tmp_path / "nope"))
     d = tmp_path / "bank"
-    embed.write_bank(str(d), np.eye(3, 4), [7, 8, 9], embedding_model="m")
-    assert embed.load_bank(str(d)).rows([9]).tolist() == [2]
-    np.save(d / embed.IDS_FILE, np.arange(2))
+    write_bank(str(d), np.eye(3, 4), [7, 8, 9], embedding_model="m")
+    assert load_bank(str(d)).rows([9]).tolist() == [2]
+    np.save(d / IDS_FILE, np.arange(2))
     with pytest.raises(ValueError, match=r"ids.npy is int64 \(2,\), bank.json says int64 \(3,\)"):
-        embed.load_bank(str(d))
-    (d / embed.BANK_FILE).write_text("{broken")
+        load_bank(str(d))
+    (d / BANK_FILE).write_text("{broken")
     with pytest.raises(ValueError, match="corrupt bank manifest"):
-        embed.load_bank(str(d))
+        load_bank(str(d))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cm3leon_jax.retrieval import embed, strategy
+from cm3leon_jax.retrieval import strategy
+from cm3leon_jax.retrieval.bank import load_bank, write_bank
 from cm3leon_jax.retrieval.exact import exact_search, recall_at_k
 from cm3leon_jax.retrieval.index import MipsIndex
 from cm3leon_jax.retrieval.synthetic import clustered_bank
@@ -21,7 +22,7 @@ MODS = [[1, 1], [1, 0], [0, 1], [1, 1], [1, 1]]
 
 def _bank_and_index(tmp_path, keys, ids, model="m", mods=None, **build):
     bank = str(tmp_path / "bank")
-    embed.write_bank(bank, keys, ids, embedding_model=model, modalities=mods)
+    write_bank(bank, keys, ids, embedding_model=model, modalities=mods)
     index = str(tmp_path / "index")
     MipsIndex.build(keys, ids, embedding_model=model, **build).save(index)
     return bank, index
@@ -54,7 +55,7 @@ def test_hand_worked_bank_brute_force(tmp_path):
     assert [(x.doc_id, round(x.score, 4), x.has_text, x.has_image) for x in c] == [
         (14, 0.96, True, True), (10, 0.8, True, True)]
     assert table.candidates(14)[1].has_text is False  # doc 12 is image-only
-    assert c[0].content_key == f"{int(embed.load_bank(bank).content_hashes[4]):016x}"
+    assert c[0].content_key == f"{int(load_bank(bank).content_hashes[4]):016x}"
     # the strategy runs on them: doc 14 scores 0.96 > 0.9 against doc 11 (a near copy) and is skipped
     assert [x.doc_id for x in strategy.select(c, num_retrieved=2)] == [10]
     with pytest.raises(KeyError, match="99"):
@@ -107,7 +108,7 @@ def test_mismatched_bank_and_index(tmp_path):
         NeighbourTable(bank)
     one = tmp_path / "one"
     b1, i1 = str(one / "bank"), str(one / "index")
-    embed.write_bank(b1, KEYS[:1], [3], embedding_model="m")
+    write_bank(b1, KEYS[:1], [3], embedding_model="m")
     MipsIndex.build(KEYS[:1], [3], embedding_model="m").save(i1)
     with pytest.raises(ValueError, match="holds 1 document"):
         build_neighbour_table(b1, i1, k=2, progress=False)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cm3leon_jax import cli
-from cm3leon_jax.retrieval import embed
+from cm3leon_jax.retrieval.bank import load_bank, write_bank
+from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
 from cm3leon_jax.retrieval.exact import exact_search
 from cm3leon_jax.retrieval.index import MipsIndex
 from tiny_clip import shared_clip_dir
@@ -55,7 +56,7 @@ def built(tmp_path_factory):
 def test_embed_build_search_neighbours(built, capsys, tmp_path):
     clip_dir, bank_dir, index_dir = built
     capsys.readouterr()
-    bank = embed.load_bank(bank_dir)
+    bank = load_bank(bank_dir)
     assert len(bank) == 40 and bank.manifest["source"] == "shapes:40:1"
     # build prints its parameters as JSON
     code, out, _ = run(capsys, "index", "build", f"--embeddings={bank_dir}", f"--out={tmp_path / 'i2'}")
@@ -67,7 +68,7 @@ def test_embed_build_search_neighbours(built, capsys, tmp_path):
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == "rank\tid\tscore\tcaption" and len(lines) == 6
-    q = embed.ClipEncoder(clip_dir, batch_size=1).encode_texts(["a red circle"])
+    q = ClipEncoder(clip_dir, batch_size=1).encode_texts(["a red circle"])
     rows, scores = exact_search(np.asarray(bank.embeddings), q, 5)
     for r, line in enumerate(lines[1:]):
         rank, doc_id, score, caption = line.split("\t")
@@ -98,7 +99,7 @@ def test_search_with_a_moved_clip_copy(built, capsys, tmp_path):
 
 def test_bad_inputs_exit_2_with_one_line(built, capsys, tmp_path):
     clip_dir, bank_dir, index_dir = built
-    bank = embed.load_bank(bank_dir)
+    bank = load_bank(bank_dir)
     # embed
     expect_input_error(capsys, ["embed", f"--clip_dir={clip_dir}", "--source=foo:3", f"--out={tmp_path / 'b'}"],
                        "'foo:3'")
@@ -110,7 +111,7 @@ def test_bad_inputs_exit_2_with_one_line(built, capsys, tmp_path):
     expect_input_error(capsys, ["index", "build", f"--embeddings={tmp_path / 'nobank'}", f"--out={tmp_path / 'x'}"],
                        str(tmp_path / "nobank"), "does not exist")
     empty = str(tmp_path / "empty_bank")
-    embed.write_bank(empty, np.zeros((0, 32)), [], embedding_model=bank.embedding_model)
+    write_bank(empty, np.zeros((0, 32)), [], embedding_model=bank.embedding_model)
     expect_input_error(capsys, ["index", "build", f"--embeddings={empty}", f"--out={tmp_path / 'x'}"],
                        empty, "empty")
     # index search: missing index dir, corrupt manifest, another embedding model
@@ -139,7 +140,7 @@ def test_bad_inputs_exit_2_with_one_line(built, capsys, tmp_path):
                        narrow, "dimension 32", "dimension 16")
     # index neighbours: a bank of another dimension than the index
     narrow_bank = str(tmp_path / "narrow_bank")
-    embed.write_bank(narrow_bank, np.eye(20, 16), np.arange(20), embedding_model=bank.embedding_model)
+    write_bank(narrow_bank, np.eye(20, 16), np.arange(20), embedding_model=bank.embedding_model)
     expect_input_error(capsys, ["index", "neighbours", f"--embeddings={narrow_bank}", f"--index={index_dir}"],
                        narrow_bank, "dimension 16", index_dir, "dimension 32")
     expect_input_error(capsys, ["index", "neighbours", f"--embeddings={bank_dir}", f"--index={tmp_path / 'nix'}"],

@@ -82,7 +82,8 @@ def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
 
     from cm3leon_jax import vocab as vocab_lib
     from cm3leon_jax.data.prepared import PreparedDataset
-    from cm3leon_jax.retrieval import embed, strategy
+    from cm3leon_jax.retrieval import strategy
+    from cm3leon_jax.retrieval.bank import load_bank
     from cm3leon_jax.sampling.generate import Generator, load_model
 
     import gin
@@ -96,7 +97,7 @@ def test_num_retrieved_prepends_the_strategys_documents(trained, monkeypatch):
         gin.clear_config()
     got = g.retrieve(PROMPT, 2)
 
-    bank = embed.load_bank(g.b.bank_dir)
+    bank = load_bank(g.b.bank_dir)
     key = g.clip.encode_texts([PROMPT])[0]
     scores = np.asarray(bank.embeddings, np.float64) @ key
     cands = [strategy.Candidate(int(i), float(s), bool(m[0]), bool(m[1]), f"{int(h):016x}")

@@ -219,14 +219,14 @@ def test_data_dirs_keep_urls(gfile, monkeypatch):
 
 
 def test_neighbour_table_and_bank_from_a_url(tmp_path, gfile):
-    from cm3leon_jax.retrieval import embed
+    from cm3leon_jax.retrieval.bank import load_bank, write_bank
     from cm3leon_jax.retrieval.index import MipsIndex
     from cm3leon_jax.retrieval.neighbours import NeighbourTable, build_neighbour_table
 
     keys = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0], [0.6, 0.8]], np.float32)
     ids = [10, 11, 12, 13, 14]
     bank = str(tmp_path / "bank")
-    embed.write_bank(bank, keys, ids, embedding_model="m", captions=[f"doc {i}" for i in ids])
+    write_bank(bank, keys, ids, embedding_model="m", captions=[f"doc {i}" for i in ids])
     MipsIndex.build(keys, ids, embedding_model="m").save(str(tmp_path / "index"))
     build_neighbour_table(bank, str(tmp_path / "index"), k=2, progress=False)
     url = "ram://data/bank"
@@ -235,8 +235,8 @@ def test_neighbour_table_and_bank_from_a_url(tmp_path, gfile):
     np.testing.assert_array_equal(remote.ids, local.ids)
     np.testing.assert_array_equal(remote.scores, local.scores)
     assert [c.doc_id for c in remote.candidates(11)] == [c.doc_id for c in local.candidates(11)]
-    b = embed.load_bank(url)
+    b = load_bank(url)
     np.testing.assert_array_equal(b.embeddings, keys)
-    assert b.caption(2) == embed.load_bank(bank).caption(2) == "doc 12"
+    assert b.caption(2) == load_bank(bank).caption(2) == "doc 12"
     with pytest.raises(FileNotFoundError, match="no neighbour table"):
         NeighbourTable("ram://data/nobank")
