@@ -39,7 +39,8 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+    from cm3leon_jax.models.decoder import Decoder
+    from cm3leon_jax.models.decoder_config import DecoderConfig
     from cm3leon_jax.models.decoding import cached_forward, init_cache, layer_params
 
     cfg = DecoderConfig(vocab_size=8192, num_layers=8, d_model=512, num_heads=8, d_ff=2048, max_length=1152,

@@ -93,7 +93,8 @@ def main():
     import numpy as np
 
     from cm3leon_jax import partitioning
-    from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+    from cm3leon_jax.models.decoder import Decoder
+    from cm3leon_jax.models.decoder_config import DecoderConfig
     from cm3leon_jax.train import optimizer as opt_lib
     from cm3leon_jax.train import state as state_lib
     from cm3leon_jax.train.step import make_train_step

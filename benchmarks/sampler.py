@@ -48,7 +48,8 @@ def main():
     import numpy as np
 
     from cm3leon_jax import vocab as vocab_lib
-    from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+    from cm3leon_jax.models.decoder import Decoder
+    from cm3leon_jax.models.decoder_config import DecoderConfig
     from cm3leon_jax.sampling import sampler
 
     total = args.prompt_tokens + args.new_tokens

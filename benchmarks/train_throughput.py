@@ -117,7 +117,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cm3leon_jax import partitioning  # noqa: E402
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig, num_query_blocks  # noqa: E402
+from cm3leon_jax.models.causal_attention import num_query_blocks  # noqa: E402
+from cm3leon_jax.models.decoder import Decoder  # noqa: E402
+from cm3leon_jax.models.decoder_config import DecoderConfig  # noqa: E402
 from cm3leon_jax.train import optimizer as opt_lib  # noqa: E402
 from cm3leon_jax.train import state as state_lib  # noqa: E402
 from cm3leon_jax.train.step import make_train_step  # noqa: E402

@@ -16,7 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGURABLE_MODULES = (
     "cm3leon_jax.vocab",
     "cm3leon_jax.partitioning",
-    "cm3leon_jax.models.decoder",
+    "cm3leon_jax.models.decoder_config",
     "cm3leon_jax.train.optimizer",
     "cm3leon_jax.train.trainer",
 )

@@ -9,7 +9,7 @@ image-generating fine-tune) is the nearest public model. Its architecture is
 our decoder with the options `DecoderConfig(norm="rmsnorm",
 positions="rotary", qk_norm=True, mlp_type="gated", activation="silu")`,
 plus `swin_norm` (Chameleon-34B) and `num_kv_heads` (GQA) when the HF config
-sets them (models/decoder.py documents each option).
+sets them (models/decoder_config.py documents each option).
 
 Output layout (OUT):
     config.gin            DecoderConfig (the options above, the sizes) and the
@@ -368,7 +368,7 @@ def convert_to_model_dir(hf_dir: str, out_dir: str, num_mask_tokens: int = 32, d
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    from cm3leon_jax.models.decoder import DecoderConfig, as_dtype
+    from cm3leon_jax.models.decoder_config import DecoderConfig, as_dtype
 
     as_dtype(dtype), as_dtype(param_dtype)
     opts = decoder_options(hf, dtype, param_dtype)

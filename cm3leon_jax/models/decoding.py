@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cm3leon_jax.models.decoder import (DecoderConfig, apply_norm, apply_rotary, as_dtype, head_norm,
-                                        rotary_tables)
+from cm3leon_jax.models.decoder_config import DecoderConfig, as_dtype
+from cm3leon_jax.models.decoder_math import apply_norm, apply_rotary, head_norm, rotary_tables
 from cm3leon_jax.models.image_positions import image_cell_embedding, image_cells
 
 

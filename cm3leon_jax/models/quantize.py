@@ -76,7 +76,7 @@ def dequantize(leaf, dtype):
 
 def matmul(x, leaf, contract: int, dtype):
     """x . w contracting x's last `contract` dims, for a float or int8 leaf."""
-    from cm3leon_jax.models.decoder import dense
+    from cm3leon_jax.models.decoder_math import dense
 
     if not is_quantized(leaf):
         return dense(x, leaf.astype(dtype), contract)

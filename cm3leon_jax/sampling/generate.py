@@ -98,7 +98,7 @@ def load_model(model_dir: str, vqgan_dir: Optional[str] = None, text_tokenizer: 
 
     from cm3leon_jax import gin_utils
     from cm3leon_jax.data import tasks as tasks_lib
-    from cm3leon_jax.models.decoder import DecoderConfig
+    from cm3leon_jax.models.decoder_config import DecoderConfig
 
     config = os.path.join(model_dir, "config.gin")
     if not paths_lib.isfile(config):

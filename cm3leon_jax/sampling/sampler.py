@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import DecoderConfig
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.models.decoding import (CACHE_AXES, DECODE_BUCKET, cache_length, cached_forward, grow_cache,
                                          init_cache, layer_params)
 from cm3leon_jax.models.image_positions import image_cells

@@ -26,7 +26,8 @@ from cm3leon_jax import distributed as distributed_lib
 from cm3leon_jax import model_dir_lock
 from cm3leon_jax import partitioning
 from cm3leon_jax import paths as paths_lib
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import optimizer as opt_lib

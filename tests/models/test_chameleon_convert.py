@@ -22,7 +22,8 @@ import pytest
 
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.models import chameleon_convert
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.models.decoding import init_cache, layer_params
 
 torch = pytest.importorskip("torch")

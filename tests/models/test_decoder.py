@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

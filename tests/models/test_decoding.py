@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cm3leon_jax import vocab as vocab_lib
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.models.decoding import cached_forward, init_cache
 from cm3leon_jax.sampling import sampler
 
@@ -159,7 +160,8 @@ SHARDED_PROBE = r"""
 import json, jax, jax.numpy as jnp, numpy as np
 import flax.linen as nn
 from cm3leon_jax import partitioning, vocab as vocab_lib
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.sampling import sampler
 V = vocab_lib.UnifiedVocabulary(64, 32, 64, 128)
 cfg = DecoderConfig(vocab_size=V.size, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_length=64,

@@ -13,7 +13,8 @@ import pytest
 
 from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.models import quantize
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.models.decoding import cached_forward, init_cache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

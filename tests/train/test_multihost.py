@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from cm3leon_jax import gin_utils, partitioning
-from cm3leon_jax.models.decoder import DecoderConfig
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.train import trainer
 
 cfg = json.loads(sys.argv[1])

@@ -15,7 +15,8 @@ MESH_222 = ["--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=2", "--gin.creat
 SHARD_PROBE = r"""
 import json, gin, jax
 from cm3leon_jax import gin_utils, partitioning
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.train import optimizer, state
 gin_utils.parse(["gin/cm3leon_tiny.gin"], ["create_mesh.data=2", "create_mesh.fsdp=2",
                 "create_mesh.model=2", "MODEL_DIR='/unused'"])

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO, SMALL, read_metrics, run_cli
 from cm3leon_jax import partitioning
-from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+from cm3leon_jax.models.decoder import Decoder
+from cm3leon_jax.models.decoder_config import DecoderConfig
 from cm3leon_jax.train import optimizer, state as state_lib
 from cm3leon_jax.train.step import cross_entropy_sums, make_train_step
 from cm3leon_jax.train.trainer import FAULT_SIGKILL_ENV
