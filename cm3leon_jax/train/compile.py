@@ -23,10 +23,10 @@ compiler. From the compiled executable:
   parameter, < 1e-5 of a step at these sizes).
 * the **analytic count** for the same step: 6 x matmul params x tokens for
   forward + backward, the attention products of the blocked causal attention
-  (models/decoder.py computes only the query blocks' visible keys), x 3 for
-  forward + backward, plus what the remat policy recomputes in the backward
-  pass (`recomputed_per_token`). Compiled / analytic close to 1 means no
-  silently wasted compute.
+  (models/causal_attention.py computes only the query blocks' visible
+  keys), x 3 for forward + backward, plus what the remat policy recomputes
+  in the backward pass (train/flop_count.py). Compiled / analytic close to 1
+  means no silently wasted compute.
 * the implied **step time and tokens/s** at a stated MFU (model FLOPs
   without the recomputation, over the chips' bf16 peak).
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import sys
 import time
@@ -47,200 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GiB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation: HBM per chip, bf16 peak per chip, how its slice
-    names count (TensorCores for v4/v5p, chips for v5e/v6e), the libtpu chip
-    config (megacore = one JAX device per chip) and the torus dimensions."""
-
-    generation: str
-    hbm_bytes: int
-    peak_bf16_flops: float
-    cores_per_chip_in_name: int
-    chip_config_name: str
-    dims: int
-
-
-# Public figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm).
-CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 2, "megacore", 3),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 1, "default", 2),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 2, "megacore", 3),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1, "default", 2),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v6litepod": "v6e"}
-
-# Chip grids of the standard slice shapes (x, y[, z]).
-_GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
-_GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16),
-             8960: (16, 20, 28)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    name: str          # as the user wrote it, e.g. v5e-256
-    chip: Chip
-    grid: tuple        # chips per dimension
-    num_chips: int
-
-    @property
-    def topology_name(self) -> str:
-        return f"{self.chip.generation}:{'x'.join(map(str, self.grid))}"
-
-
-def parse_topology(name: str) -> Topology:
-    """`v5e-256`, `v5litepod-256`, `v4-128` (TensorCores, as Cloud names
-    them), `v5p-128`, `v6e-64`, or an explicit chip grid `v5e:16x16` /
-    `v4:4x4x4`."""
-    text = name.strip().lower()
-    m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", text)
-    gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
-    if not m or gen not in CHIPS:
-        raise ValueError(f"--topology={name!r}: use GENERATION-SIZE (v5e-256, v4-128, v5p-128, v6e-64) "
-                         f"or GENERATION:GRID (v5e:16x16, v4:4x4x4); generations: {', '.join(CHIPS)}")
-    chip = CHIPS[gen]
-    if m.group(3):
-        grid = tuple(int(x) for x in m.group(3).split("x"))
-        if len(grid) != chip.dims:
-            raise ValueError(f"--topology={name!r}: {gen} slices have a {chip.dims}-D chip grid")
-    else:
-        size = int(m.group(2))
-        if size % chip.cores_per_chip_in_name:
-            raise ValueError(f"--topology={name!r}: {gen} sizes count TensorCores "
-                             f"({chip.cores_per_chip_in_name} per chip); use an even size")
-        chips = size // chip.cores_per_chip_in_name
-        grids = _GRIDS_2D if chip.dims == 2 else _GRIDS_3D
-        if chips not in grids:
-            sizes = ", ".join(f"{gen}-{c * chip.cores_per_chip_in_name}" for c in grids)
-            raise ValueError(f"--topology={name!r}: no standard {gen} slice of {chips} chips; one of {sizes}, "
-                             f"or give the grid ({gen}:AxB{'xC' if chip.dims == 3 else ''})")
-        grid = grids[chips]
-    grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    return Topology(name, chip, tuple(grid), math.prod(grid3))
-
-
-def topology_devices(topo: Topology) -> list:
-    """The TPU devices of the slice (needs libtpu: `pip install -e '.[tpu]'`)."""
-    # libtpu takes /tmp/libtpu_lockfile for the life of a process that loads
-    # it; describing a topology needs no TPU, so do not refuse to start when
-    # another process on this host (a second compile, a test) holds it.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {e}") from None
-    grid3 = tuple(topo.grid) + (1,) * (3 - len(topo.grid))
-    host = tuple(min(g, b) for g, b in zip(grid3, (2, 2, 1)))
-    # v4 / v5p full cubes are tori; v5e / v6e slices have no wrap-around links.
-    wrap = tuple(topo.chip.dims == 3 and g >= 4 for g in grid3)
-    try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name,
-                                            chip_config_name=topo.chip.chip_config_name,
-                                            chips_per_host_bounds=host, num_slices=1, wrap=wrap)
-    except Exception as e:  # noqa: BLE001 - libtpu raises plain RuntimeErrors / XlaRuntimeErrors
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "tpu" in msg.lower() and ("not found" in msg.lower() or "unknown backend" in msg.lower()
-                                     or "no module" in msg.lower()):
-            raise RuntimeError(f"cannot describe {topo.name}: the TPU compiler is missing ({msg}); "
-                               "install the tpu extra: pip install -e '.[tpu]'") from None
-        raise RuntimeError(f"cannot describe TPU topology {topo.topology_name} ({topo.name}): {msg}; "
-                           "is the tpu extra installed (pip install -e '.[tpu]')?") from None
-    devices = list(desc.devices)
-    if len(devices) != topo.num_chips:
-        raise RuntimeError(f"{topo.name}: libtpu described {len(devices)} devices, expected {topo.num_chips}")
-    return devices
-
-
-# ----------------------------------------------------------------------------- analytic FLOPs
-
-
-def _param_groups(params) -> dict:
-    """Matmul parameter counts per layer-kind, read off the abstract params:
-    {"qkv", "attn_out", "mlp_in", "mlp_out", "other_layer", "output", "lookup"}
-    (summed over layers). Lookup tables (token / position embedding) and
-    vectors (norm gains) do no matmul FLOPs."""
-    groups = dict.fromkeys(("qkv", "attn_out", "mlp_in", "mlp_out", "other_layer", "output", "lookup"), 0)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        if names[-1] == "value":  # a flax LogicallyPartitioned box
-            names = names[:-1]
-        size = int(np.prod(leaf.shape))
-        last = names[-1]
-        in_layers = names[0] == "layers" or names[0].startswith("layer_")
-        matrix_dims = len(leaf.shape) - (1 if names[0] == "layers" else 0)
-        if last in ("token_embedding", "position_embedding"):
-            groups["lookup"] += size
-        elif last == "output_projection":
-            groups["output"] += size
-        elif not in_layers or matrix_dims < 2 or "norm" in "/".join(names).lower():
-            groups["lookup"] += size  # gains and biases: no matmul
-        elif "attention" in names:
-            groups["attn_out" if last in ("out", "o_proj") else "qkv"] += size
-        elif "mlp" in names:
-            groups["mlp_out" if last in ("wo", "down", "down_proj") else "mlp_in"] += size
-        else:
-            groups["other_layer"] += size
-    return groups
-
-
-def attention_flops_per_sequence(cfg, seq_len: int) -> float:
-    """Forward FLOPs of q.k^T and p.v over all layers for one sequence, for
-    the blocked causal attention of models/decoder.py: query block i (of nb)
-    looks at keys [0, (i + 1) x block)."""
-    from cm3leon_jax.models.decoder import num_query_blocks
-
-    nb = num_query_blocks(seq_len)
-    bs = seq_len // nb
-    visible = bs * bs * nb * (nb + 1) // 2      # (query, key) pairs computed
-    width = cfg.num_heads * cfg.head_dim
-    return cfg.num_layers * 2 * 2 * visible * width
-
-
-def recomputed_matmul_params(groups: dict, remat_policy: str) -> tuple[int, bool]:
-    """(layer matmul params whose forward the backward pass recomputes, whether
-    the attention products are recomputed) for a remat policy of
-    models/decoder.py REMAT_POLICIES.
-
-    The MLP's output projection is never recomputed: the backward pass needs
-    the inputs of a layer's matmuls, and that projection's output feeds only
-    the residual stream (the next layer's input, already saved), so XLA drops
-    its recomputation as dead code. Counting it would put the 7B's full-remat
-    step at 0.928 of the analytic count; without it, 1.002."""
-    layer = groups["qkv"] + groups["attn_out"] + groups["mlp_in"] + groups["mlp_out"] + groups["other_layer"]
-    live = layer - groups["mlp_out"]
-    table = {
-        "none": (0, False),
-        "dots": (0, False),
-        "dots_with_no_batch_dims": (0, True),
-        "save_qkv_proj": (live - groups["qkv"], True),
-        "save_out_proj": (live - groups["attn_out"], True),
-        "full": (live, True),
-    }
-    if remat_policy not in table:
-        raise ValueError(f"no analytic recompute count for remat_policy={remat_policy!r}; "
-                         f"known: {sorted(table)}")
-    return table[remat_policy]
-
-
-def analytic_flops(cfg, params, batch_size: int, seq_len: int) -> dict:
-    """Whole-step FLOPs (all chips) of the train step, by term."""
-    groups = _param_groups(params)
-    matmul = sum(v for k, v in groups.items() if k != "lookup")
-    tokens = batch_size * seq_len
-    attn_fwd = attention_flops_per_sequence(cfg, seq_len) * batch_size
-    re_params, re_attn = recomputed_matmul_params(groups, cfg.remat_policy)
-    model = 6.0 * matmul * tokens + 3.0 * attn_fwd
-    recompute = 2.0 * re_params * tokens + (attn_fwd if re_attn else 0.0)
-    return {"matmul_params": matmul, "tokens": tokens, "matmul_6NT": 6.0 * matmul * tokens,
-            "attention_fwd_bwd": 3.0 * attn_fwd, "remat_recompute": recompute,
-            "model_flops": model, "total": model + recompute}
-
-
-# ----------------------------------------------------------------------------- compiling
+from cm3leon_jax.train.flop_count import analytic_flops
+from cm3leon_jax.train.tpu_topology import GiB, Topology, topology_devices
 
 
 def _abstract_inputs(built, batch_size: int, seq_len: int):
@@ -309,7 +116,7 @@ def compile_report(topo: Topology, *, mfu: float = 0.4, flop_probes: bool = True
 
     from cm3leon_jax import partitioning
     from cm3leon_jax.data.pipeline import decoder_length
-    from cm3leon_jax.models.decoder import DecoderConfig
+    from cm3leon_jax.models.decoder_config import DecoderConfig
     from cm3leon_jax.train import trainer
 
     bindings = gin.get_bindings(trainer.train)

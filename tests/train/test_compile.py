@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import run_cli  # noqa: E402
 
-from cm3leon_jax.train import compile as aot  # noqa: E402
+from cm3leon_jax.train import flop_count, tpu_topology  # noqa: E402
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
 
@@ -20,14 +20,14 @@ pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
     ("v5e-256", (16, 16), 256), ("v5litepod-4", (2, 2), 4), ("v4-128", (4, 4, 4), 64),
     ("v5p-128", (4, 4, 4), 64), ("v6e-64", (8, 8), 64), ("v4:2x2x2", (2, 2, 2), 8)])
 def test_parse_topology(name, grid, chips):
-    t = aot.parse_topology(name)
+    t = tpu_topology.parse_topology(name)
     assert t.grid == grid and t.num_chips == chips
 
 
 @pytest.mark.parametrize("bad", ["v9-8", "v5e-3", "v4-7", "v4:4x4", "tpu"])
 def test_parse_topology_refuses(bad):
     with pytest.raises(ValueError, match="--topology"):
-        aot.parse_topology(bad)
+        tpu_topology.parse_topology(bad)
 
 
 def test_analytic_flops_by_hand():
@@ -37,12 +37,13 @@ def test_analytic_flops_by_hand():
     x 8 = 3,145,728 per sequence."""
     import jax
 
-    from cm3leon_jax.models.decoder import Decoder, DecoderConfig
+    from cm3leon_jax.models.decoder import Decoder
+    from cm3leon_jax.models.decoder_config import DecoderConfig
 
     cfg = DecoderConfig(vocab_size=16, num_layers=2, d_model=8, num_heads=2, d_ff=32, max_length=256,
                         remat_policy="full")
     params = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 4), "int32")))
-    a = aot.analytic_flops(cfg, params["params"], batch_size=3, seq_len=256)
+    a = flop_count.analytic_flops(cfg, params["params"], batch_size=3, seq_len=256)
     tokens = 3 * 256
     assert a["matmul_params"] == 1664
     assert a["matmul_6NT"] == 6 * 1664 * tokens
@@ -51,7 +52,8 @@ def test_analytic_flops_by_hand():
     # (2 x (1536 - 2 x 8 x 32) x tokens, dead code: its output is only the
     # residual) and attention's.
     assert a["remat_recompute"] == 2 * (1536 - 2 * 8 * 32) * tokens + 3 * 3_145_728
-    none = aot.analytic_flops(DecoderConfig(**{**cfg.__dict__, "remat_policy": "none"}), params["params"], 3, 256)
+    none = flop_count.analytic_flops(DecoderConfig(**{**cfg.__dict__, "remat_policy": "none"}), params["params"],
+                                     3, 256)
     assert none["remat_recompute"] == 0 and none["model_flops"] == a["model_flops"]
 
 
@@ -64,13 +66,13 @@ def test_activation_constraints_are_in_force():
     import jax.numpy as jnp
 
     from cm3leon_jax import partitioning
-    from cm3leon_jax.models.decoder import DecoderConfig
+    from cm3leon_jax.models.decoder_config import DecoderConfig
     from cm3leon_jax.train.step import FEATURES
     from cm3leon_jax.train.trainer import build_train_step
 
     gin.clear_config()
     gin.bind_parameter("learning_rate_schedule.peak_learning_rate", 1e-3)
-    devices = aot.topology_devices(aot.parse_topology("v5e-4"))
+    devices = tpu_topology.topology_devices(tpu_topology.parse_topology("v5e-4"))
     mesh = partitioning.create_mesh(data=1, fsdp=-1, model=1, devices=devices)
     cfg = DecoderConfig(vocab_size=256, num_layers=1, d_model=64, num_heads=2, d_ff=128, max_length=64)
     built = build_train_step(cfg, 10, 64, mesh, partitioning.logical_axis_rules())
