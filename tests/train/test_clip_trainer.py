@@ -16,6 +16,7 @@ from cm3leon_jax.data import shapes_check
 from cm3leon_jax.models import clip_convert
 from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
 from cm3leon_jax.models.clip import CLIP, preprocess_images, tiny_config
+from cm3leon_jax.train import clip_data, clip_eval, clip_objective
 from cm3leon_jax.train import clip_trainer as ct
 from conftest import REPO, run_cli
 
@@ -46,26 +47,26 @@ def test_contrastive_loss_matches_numpy_and_clips_the_temperature():
     for logit_scale, used in ((1.5, 1.5), (7.0, np.log(100.0)), (-2.0, 0.0)):
         logits = np.exp(used) * tn @ im.T
         ref = -(np.trace(_log_softmax(logits, 1)) + np.trace(_log_softmax(logits, 0))) / 6
-        loss, metrics = ct.contrastive_loss(jnp.asarray(text), jnp.asarray(image), jnp.asarray(logit_scale))
+        loss, metrics = clip_objective.contrastive_loss(jnp.asarray(text), jnp.asarray(image), jnp.asarray(logit_scale))
         np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
         np.testing.assert_allclose(float(metrics["temperature_inverse"]), np.exp(used), rtol=1e-6)
     # by hand: two orthogonal pairs at scale ln 2 -> logits [[2, 0], [0, 2]]
     eye = jnp.eye(2)
-    loss, m = ct.contrastive_loss(eye, eye, jnp.log(2.0))
+    loss, m = clip_objective.contrastive_loss(eye, eye, jnp.log(2.0))
     np.testing.assert_allclose(float(loss), np.log(1 + np.exp(-2.0)), rtol=1e-6)
     assert float(m["accuracy_text_to_image"]) == 1.0 == float(m["accuracy_image_to_text"])
 
 
 def test_mirrored_caption_describes_the_mirrored_image():
-    assert (ct.mirror_caption("a small red circle in the top left")
+    assert (clip_data.mirror_caption("a small red circle in the top left")
             == "a small red circle in the top right")
-    assert (ct.mirror_caption("a large blue star to the left of a small red square above a small green star")
+    assert (clip_data.mirror_caption("a large blue star to the left of a small red square above a small green star")
             == "a large blue star to the right of a small red square above a small green star")
-    assert ct.mirror_caption("a small red circle at the top") == "a small red circle at the top"
-    images, captions = ct.shapes_examples(3, 0, 40, 64)
+    assert clip_data.mirror_caption("a small red circle at the top") == "a small red circle at the top"
+    images, captions = clip_data.shapes_examples(3, 0, 40, 64)
     changed = 0
     for image, caption in zip(images, captions):
-        mirrored = ct.mirror_caption(caption)
+        mirrored = clip_data.mirror_caption(caption)
         assert shapes_check.score(image[:, ::-1], mirrored)["all_correct"], caption
         if mirrored != caption:
             changed += 1
@@ -75,9 +76,9 @@ def test_mirrored_caption_describes_the_mirrored_image():
 
 def test_siblings_are_true_to_their_images_and_one_edit_away():
     scenes = 40
-    images, captions = ct.shapes_examples_with_siblings(4, scenes, 64, ("spatial", "attribute"))
+    images, captions = clip_data.shapes_examples_with_siblings(4, scenes, 64, ("spatial", "attribute"))
     assert len(images) == len(captions) == 3 * scenes
-    originals, _ = ct.shapes_examples(4, 0, scenes, 64)
+    originals, _ = clip_data.shapes_examples(4, 0, scenes, 64)
     np.testing.assert_array_equal(images[:scenes], originals)
     false_of_sibling, lone = 0, 0
     for i in range(scenes):
@@ -98,37 +99,37 @@ def test_siblings_are_true_to_their_images_and_one_edit_away():
     assert lone > 0
     with pytest.raises(ValueError, match="sibling edit group"):
         ex = shapes.generate_example(4, 0)
-        ct.sibling_scene(ex.shapes, ex.relations, np.random.default_rng(0), "colour")
+        clip_data.sibling_scene(ex.shapes, ex.relations, np.random.default_rng(0), "colour")
 
 
 def test_in_graph_pixels_match_preprocess_images():
-    images, _ = ct.shapes_examples(0, 0, 3, 64)
-    np.testing.assert_allclose(np.asarray(ct.normalize_pixels(images)),
+    images, _ = clip_data.shapes_examples(0, 0, 3, 64)
+    np.testing.assert_allclose(np.asarray(clip_objective.normalize_pixels(images)),
                                preprocess_images(images, tiny_config()), atol=1e-6)
 
 
 def test_batches_are_a_function_of_the_step():
-    a = ct.batch_indices(0, 7, 16, 64, 0.5)
-    b = ct.batch_indices(0, 7, 16, 64, 0.5)
-    c = ct.batch_indices(0, 8, 16, 64, 0.5)
+    a = clip_data.batch_indices(0, 7, 16, 64, 0.5)
+    b = clip_data.batch_indices(0, 7, 16, 64, 0.5)
+    c = clip_data.batch_indices(0, 8, 16, 64, 0.5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
     assert len(set(a[0].tolist())) == 16 and 0 < a[1].sum() < 16
     # 20 scenes, then two sibling blocks: pairs of a scene and one of its siblings
-    idx, flip = ct.batch_indices(0, 7, 12, 60, 0.5, num_sibling_blocks=2, blocks=(1,))
+    idx, flip = clip_data.batch_indices(0, 7, 12, 60, 0.5, num_sibling_blocks=2, blocks=(1,))
     np.testing.assert_array_equal(idx[6:], idx[:6] + 20)
     np.testing.assert_array_equal(flip[6:], flip[:6])
     assert (idx[:6] < 20).all() and len(set(idx.tolist())) == 12
-    offsets = np.concatenate([np.diff(ct.batch_indices(0, s, 12, 60, 0.5, 2, (1, 2))[0].reshape(2, 6), axis=0)[0]
+    offsets = np.concatenate([np.diff(clip_data.batch_indices(0, s, 12, 60, 0.5, 2, (1, 2))[0].reshape(2, 6), axis=0)[0]
                               for s in range(5)])
     assert set(offsets.tolist()) == {20, 40}
 
 
 def test_retrieval_top1_on_a_known_answer():
-    images, captions = ct.shapes_examples(12345, 0, 40, 64)
+    images, captions = clip_data.shapes_examples(12345, 0, 40, 64)
     # a caption whose mirrored image shows the same facts (no left/right in it)
     q2 = next(i for i, c in enumerate(captions)
-              if len(shapes.caption_facts(c).shapes) > 1 and ct.mirror_caption(c) == c)
+              if len(shapes.caption_facts(c).shapes) > 1 and clip_data.mirror_caption(c) == c)
     pool = np.concatenate([images[:3], images[q2:q2 + 1, :, ::-1]])  # pool index 3: the mirror
     image_emb = np.eye(4, 5) * np.array([[1.0], [2.0], [0.5], [3.0]])  # norms must not matter
     queries = [captions[0], captions[1], captions[q2]]
@@ -136,7 +137,7 @@ def test_retrieval_top1_on_a_known_answer():
     # query 0 -> its own image (right); query 1 -> image 2, another scene
     # (wrong); query 2 -> the mirror of its image, not its own (right)
     assert not shapes_check.score(images[2], captions[1])["all_correct"]
-    out = ct.retrieval_top1(query_emb, queries, image_emb, pool, own_index=[0, 1, 2])
+    out = clip_eval.retrieval_top1(query_emb, queries, image_emb, pool, own_index=[0, 1, 2])
     assert out["top1"] == [0, 2, 3]
     assert out["correct"] == [True, False, True]
     np.testing.assert_allclose(out["top1_accuracy"], 2 / 3)
@@ -165,17 +166,17 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model_dir(tmp_path):
     ids, mask = tok(captions)
     assert (mask.sum(1) < cfg.max_position_embeddings).all()  # whole captions, not truncated
     text = CLIP(cfg).apply({"params": params}, ids, mask, method=CLIP.encode_text)
-    images, _ = ct.shapes_examples(1, 0, 2, 32)
+    images, _ = clip_data.shapes_examples(1, 0, 2, 32)
     image = CLIP(cfg).apply({"params": params}, preprocess_images(images, cfg), method=CLIP.encode_image)
     assert text.shape == image.shape == (2, 32) and np.isfinite(np.asarray(text)).all()
-    np.testing.assert_allclose(np.asarray(image), ct.embed_images(CLIP(cfg), params, images), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(image), clip_eval.embed_images(CLIP(cfg), params, images), atol=1e-5)
 
 
 def test_resume_continues_from_the_checkpoint_exactly(tmp_path, monkeypatch):
     full = _train(tmp_path / "full", 10)
     # Interrupt the same run while it draws step 7's batch (the last
     # checkpoint is step 5), then rerun the same call: it resumes from 5.
-    real = ct.batch_indices
+    real = clip_data.batch_indices
     seen = []
 
     def interrupted(seed, step, *a):
@@ -202,7 +203,7 @@ def test_bad_settings_name_the_binding(tmp_path):
     with pytest.raises(ValueError, match="data_seed"):
         _train(tmp_path, 2, data_seed=12345)
     with pytest.raises(ValueError, match="eval_queries"):
-        ct.evaluate_retrieval(tiny_config(), None, None, pool_size=10, num_queries=20, seed=1)
+        clip_eval.evaluate_retrieval(tiny_config(), None, None, pool_size=10, num_queries=20, seed=1)
     with pytest.raises(ValueError, match="sibling_edits"):
         _train(tmp_path, 2, train_examples=64)  # not whole groups of a scene and 2 siblings
     with pytest.raises(ValueError, match="text_tokenizer"):
