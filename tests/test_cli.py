@@ -134,9 +134,11 @@ def test_every_gin_file_parses(path):
     its commands import before parsing)."""
     import gin
 
-    from cm3leon_jax import cli
+    from cm3leon_jax.commands.clip import CLIP_MODULES
+    from cm3leon_jax.commands.tokenizer import VQ_MODULES
+    from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
-    modules = cli.TRAIN_DATA_MODULES + cli.VQ_MODULES + cli.CLIP_MODULES + ("cm3leon_jax.demo.pipeline",)
+    modules = TRAIN_DATA_MODULES + VQ_MODULES + CLIP_MODULES + ("cm3leon_jax.demo.pipeline",)
     try:
         gin_utils.parse([path], [], extra_modules=modules, check_required=False)
     finally:

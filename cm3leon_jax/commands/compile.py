@@ -42,12 +42,13 @@ def add_compile(sub):
 def cmd_compile(args, gin_bindings) -> int:
     import json
 
-    from cm3leon_jax.train.compile import compile_report, parse_topology, print_summary
+    from cm3leon_jax.train.compile import compile_report, print_summary
+    from cm3leon_jax.train.tpu_topology import parse_topology
 
     from cm3leon_jax import gin_utils
     from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
 
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # see topology_devices
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # see tpu_topology.topology_devices
     if not 0 < args.mfu <= 1:
         print(f"error: --mfu={args.mfu} must be in (0, 1]", file=sys.stderr)
         return 2

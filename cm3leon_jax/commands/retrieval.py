@@ -1,6 +1,6 @@
 """`cm3leon embed` and `cm3leon index {build,search,neighbours}`: the CLIP
-memory bank and its ScaNN index (retrieval/embed.py, retrieval/index.py,
-retrieval/neighbours.py) from the command line."""
+memory bank and its ScaNN index (retrieval/embed.py, retrieval/bank.py,
+retrieval/index.py, retrieval/neighbours.py) from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -112,10 +112,10 @@ def cmd_index_build(args, gin_bindings: List[str]) -> int:
     import os
 
     try:
-        from cm3leon_jax.retrieval import embed
+        from cm3leon_jax.retrieval.bank import load_bank
         from cm3leon_jax.retrieval.index import MipsIndex
 
-        bank = embed.load_bank(args.embeddings)
+        bank = load_bank(args.embeddings)
         overrides = {k: getattr(args, k) for k in (
             "num_leaves", "num_leaves_to_search", "training_sample_size", "ah_training_sample_size",
             "dims_per_block", "anisotropic_quantization_threshold", "reorder", "k")
@@ -142,11 +142,12 @@ def cmd_index_search(args, gin_bindings: List[str]) -> int:
     import os
 
     try:
-        from cm3leon_jax.retrieval import embed
+        from cm3leon_jax.retrieval.bank import load_bank
+        from cm3leon_jax.retrieval.clip_encoder import ClipEncoder, parse_identity, same_model
         from cm3leon_jax.retrieval.index import MipsIndex
 
         index = MipsIndex.load(args.index)
-        named_dir, fingerprint = embed.parse_identity(index.embedding_model)
+        named_dir, fingerprint = parse_identity(index.embedding_model)
         if fingerprint is None:
             raise ValueError(f"index {args.index!r} was built with embedding model {index.embedding_model!r}, "
                              "not with a CLIP model dir this command can embed queries with: rebuild it from "
@@ -155,8 +156,8 @@ def cmd_index_search(args, gin_bindings: List[str]) -> int:
         if not os.path.isdir(clip_dir):
             raise ValueError(f"the CLIP model dir index {args.index!r} names ({clip_dir!r}) does not exist: "
                              "pass --clip_dir=<a copy of that model>")
-        encoder = embed.ClipEncoder(clip_dir, batch_size=1, text_tokenizer=args.text_tokenizer)
-        if not embed.same_model(encoder.identity, index.embedding_model):
+        encoder = ClipEncoder(clip_dir, batch_size=1, text_tokenizer=args.text_tokenizer)
+        if not same_model(encoder.identity, index.embedding_model):
             raise ValueError(f"index {args.index!r} was built with embedding model {index.embedding_model!r} "
                              f"but --clip_dir {clip_dir!r} is another model ({encoder.identity!r}): query with "
                              "the CLIP the index was built with, or rebuild the index")
@@ -170,7 +171,7 @@ def cmd_index_search(args, gin_bindings: List[str]) -> int:
             with open(os.path.join(args.index, index_lib.INDEX_BANK_REF)) as f:
                 bank_dir = json.load(f).get("bank_dir")
         try:
-            bank = embed.load_bank(bank_dir) if bank_dir else None
+            bank = load_bank(bank_dir) if bank_dir else None
         except (ValueError, OSError) as e:
             note = f"captions unavailable ({' '.join(str(e).split())})"
         if bank is None and note is None:

@@ -16,7 +16,7 @@ the settings `gin/demo.gin` gives (`demo.*` bindings), in this order:
                 (the code of `cm3leon eval shapes / fid / clip_score`)
   8. report     demo_out/report.md, grids and plots (demo/report.py)
 
-Stages 2-5 run as child processes (`python -m cm3leon_jax.cli ...`); their
+Stages 2-5 run as child processes (`python -m cm3leon_jax.cli ...`, demo/child_process.py); their
 output goes to the terminal (prefixed with the stage's name while stages 1-3
 run at once) and to demo_out/logs/STAGE.log. A child gets SIGTERM if the
 demo dies, so no trainer outlives it. A finished stage
@@ -30,15 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
-import signal
-import subprocess
-import sys
 import time
 from typing import Callable, Dict, List, Sequence
 
 import gin
 
+from cm3leon_jax.demo.child_process import Command, cli_command
 from cm3leon_jax.demo.stages import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
 
 
@@ -86,83 +83,6 @@ def ablation_settings(retrieved: Sequence[int], cfg_scales: Sequence[float], dec
         for s in rows:
             settings.setdefault(s.name, s)
     return {"settings": list(settings.values()), "tables": {k: [s.name for s in v] for k, v in tables.items()}}
-
-
-def _cli(*args: str) -> List[str]:
-    return [sys.executable, "-m", "cm3leon_jax.cli", *args]
-
-
-def _die_with_parent():
-    """Child processes get SIGTERM when the demo dies (even by SIGKILL), so
-    a killed demo leaves no trainer running on its model dir; the trainers
-    checkpoint on SIGTERM."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _shown(cmd: List[str]) -> str:
-    if cmd[1:3] == ["-m", "cm3leon_jax.cli"]:
-        cmd = ["cm3leon"] + cmd[3:]
-    return " ".join(shlex.quote(c) for c in cmd)
-
-
-class Command:
-    """A stage's command as a child process. Its output lines go to the
-    terminal prefixed with the stage name (two stages may run at once) and
-    to demo_out/logs/STAGE.log."""
-
-    def __init__(self, stage: str, cmd: List[str], log_dir: str, prefix: bool):
-        import threading
-
-        os.makedirs(log_dir, exist_ok=True)
-        self.stage, self.shown = stage, _shown(cmd)
-        print(f"  [{stage}] $ {self.shown}", flush=True)
-        self.log = open(os.path.join(log_dir, f"{stage}.log"), "a", encoding="utf-8")
-        self.log.write(f"$ {self.shown}\n")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", bufsize=1,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        self.prefix = f"  [{stage}] " if prefix else "  "
-        self.tail: List[str] = []
-        self._last_bar = 0.0
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            # progress bars redraw with carriage returns: show their latest state as a line
-            line = line.rstrip("\n").split("\r")[-1]
-            if "%|" in line:  # a tqdm bar (written whole at each update into a pipe): every 10 s at most
-                if time.time() - self._last_bar < 10 and not line.split("%|")[0].endswith("100"):
-                    continue
-                self._last_bar = time.time()
-            if line.strip():
-                self.tail = (self.tail + [line])[-20:]
-                print(self.prefix + line, flush=True)
-
-    def wait(self) -> None:
-        rc = self.proc.wait()
-        self.thread.join()
-        self.log.close()
-        if rc != 0:
-            raise RuntimeError(f"stage {self.stage}: `{self.shown}` failed with exit status {rc} (its output: "
-                               f"{self.log.name}); fix the cause and rerun `cm3leon demo` (finished stages are "
-                               "kept)")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # the trainers checkpoint on SIGTERM
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def _fmt_seconds(s: float) -> str:
@@ -234,7 +154,7 @@ def stage_corpus(c: DemoConfig) -> dict:
 
 
 def command_vqgan(c: DemoConfig) -> List[str]:
-    return _cli("tokenizer", "train-image", f"--gin_file={c.vqgan_gin}", f"--model_dir={c.path('vqgan')}",
+    return cli_command("tokenizer", "train-image", f"--gin_file={c.vqgan_gin}", f"--model_dir={c.path('vqgan')}",
                 *[f"--gin.{b}" for b in c.vqgan_bindings])
 
 
@@ -244,7 +164,7 @@ def result_vqgan(c: DemoConfig) -> dict:
 
 
 def command_clip(c: DemoConfig) -> List[str]:
-    return _cli("clip", "train", f"--gin_file={c.clip_gin}", f"--model_dir={c.path('clip')}",
+    return cli_command("clip", "train", f"--gin_file={c.clip_gin}", f"--model_dir={c.path('clip')}",
                 *[f"--gin.{b}" for b in c.clip_bindings])
 
 
@@ -254,7 +174,7 @@ def result_clip(c: DemoConfig) -> dict:
 
 
 def command_task_data(c: DemoConfig) -> List[str]:
-    return _cli("task-data", f"--source=image_folder:{c.path('corpus')}", f"--out={c.path('data')}",
+    return cli_command("task-data", f"--source=image_folder:{c.path('corpus')}", f"--out={c.path('data')}",
                 f"--vqgan_dir={c.path('vqgan')}", f"--text_tokenizer={c.path('clip', 'text_tokenizer')}",
                 f"--clip_dir={c.path('clip')}", *list(c.task_data_flags),
                 *(["--no_progress"] if not c.progress else []))
@@ -271,7 +191,7 @@ def command_train(c: DemoConfig) -> List[str]:
     is sized to the BPE the data was prepared with (the CLIP's)."""
     with open(c.path("data", "prepared", "prepared.json")) as f:
         text_vocab = json.load(f)["settings"]["vocabulary"]["text_vocab_size"]
-    return _cli("train", f"--gin_file={c.train_gin}", f"--model_dir={c.path('model')}",
+    return cli_command("train", f"--gin_file={c.train_gin}", f"--model_dir={c.path('model')}",
                 f"--gin.shapes_data_dir.path={c.path('data')!r}",
                 f"--gin.UnifiedVocabulary.text_vocab_size={int(text_vocab)}",
                 *[f"--gin.{b}" for b in c.train_bindings])
