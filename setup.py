@@ -41,9 +41,13 @@ extras_require = {
     # libtpu: `cm3leon compile` AOT-compiles for TPU topologies on this CPU host
     # (tests/train/test_compile.py); nbclient + ipykernel run the Colab notebook;
     # import-linter checks the layers (.importlinter, ARCHITECTURE.md).
+    # selenium drives Debian's chromium in the `cm3leon serve` browser test
+    # (.ci/run installs chromium and chromium-driver).
     "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "libtpu==0.0.42.*",
-             "nbclient", "nbformat", "ipykernel", "import-linter"],
+             "nbclient", "nbformat", "ipykernel", "import-linter", "gradio==6.31.0", "selenium==4.51.0"],
     "torch": ["torch==2.13.0"],
+    # `cm3leon serve`: the page (gradio Blocks) and the HTTP API (FastAPI, uvicorn; gradio's own deps)
+    "serve": ["gradio==6.31.0"],
     "tpu": [f"jax[tpu]=={JAX_VERSION}", "libtpu==0.0.42.*"],
 }
 

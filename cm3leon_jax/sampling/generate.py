@@ -245,33 +245,70 @@ class Generator:
                            num_retrieved: int = 0, batch_rows: int = 32):
         """Samples for many prompts, batched `batch_rows` rows (prompt x
         sample) per sampler call: [(images, codes, retrieved)] per prompt.
+        Prompt i's samples draw from seed + i (see `images_for_requests`)."""
+        items = [(p, seed + i, num_samples) for i, p in enumerate(prompts)]
+        results = self.images_for_requests(items, settings, num_retrieved, batch_rows=batch_rows)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
 
-        Sample j of prompt i draws from its own key, fold_in(PRNGKey(seed +
-        i), j), so the result does not depend on how rows are batched; for
-        `mixed` the odd samples use CD-K."""
+    def check_length(self, tokens: Sequence[int], what: str = "the prompt") -> None:
+        """ValueError when a prompt and the image it asks for do not fit the
+        model's context (the position table would be read past its end)."""
+        total = len(tokens) + 1 + self.vq.codes_per_image + 1  # BOS, the codes, <eos>
+        if total > self.b.cfg.max_length:
+            raise ValueError(f"{what} is {len(tokens)} tokens; with the {self.vq.codes_per_image} image codes "
+                             f"it needs {total} positions but the model has {self.b.cfg.max_length}: shorten "
+                             "it or retrieve fewer documents")
+
+    def images_for_requests(self, items: Sequence[tuple], settings, num_retrieved: int = 0, batch_rows: int = 32,
+                            width: Optional[int] = None, length_bucket: int = 1):
+        """Samples for requests `(prompt, seed, num_samples)` that share the
+        sampler's settings: [(images, codes, retrieved)] per request, or the
+        ValueError of a request whose prompt cannot be sampled (the others
+        are sampled all the same).
+
+        Sample j of a request draws from its own key, fold_in(PRNGKey(seed),
+        j), so the result does not depend on how rows are batched or on the
+        other requests; for `mixed` the odd samples use CD-K. `width` pads
+        every sampler call to that many rows and `length_bucket` rounds the
+        prompt length up to a multiple of it (a server compiles the sampler
+        once per shape, not once per request)."""
         import jax
         import jax.numpy as jnp
 
         from cm3leon_jax.sampling import sampler
 
-        if num_samples < 1 or batch_rows < 1:
-            raise ValueError(f"num_samples and batch_rows must be >= 1, got {num_samples}, {batch_rows}")
-        retrieved = [self.retrieve(p, num_retrieved) for p in prompts]
-        pairs = [self.image_prompt(p, r) for p, r in zip(prompts, retrieved)]
+        if not items or batch_rows < 1 or any(n < 1 for _, _, n in items):
+            raise ValueError(f"every request needs num_samples >= 1 and batch_rows >= 1, got "
+                             f"{[n for _, _, n in items]}, {batch_rows}")
+        prepared, results = {}, [None] * len(items)
+        for i, (prompt, _, _) in enumerate(items):
+            try:
+                retrieved = self.retrieve(prompt, num_retrieved)
+                cond, uncond = self.image_prompt(prompt, retrieved)
+                self.check_length(cond)
+                prepared[i] = (cond, uncond, retrieved)
+            except ValueError as e:
+                results[i] = e
+        if not prepared:
+            return results
         n_codes = self.vq.codes_per_image
         guided = settings.decoding in ("cd_k", "mixed") or settings.cfg_scale != 1.0
-        length = max(max(len(c), len(u)) for c, u in pairs)  # one prompt length: one compile
-        rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-        width = min(batch_rows, len(rows))
+        length = max(max(len(c), len(u)) for c, u, _ in prepared.values())  # one prompt length: one compile
+        length = min(-(-length // length_bucket) * length_bucket, self.b.cfg.max_length - n_codes - 2)
+        rows = [(i, j) for i in sorted(prepared) for j in range(items[i][2])]
+        width = width or min(batch_rows, len(rows))
         codes = np.zeros((len(rows), n_codes), np.int32)
         for start in range(0, len(rows), width):
             chunk = rows[start:start + width]
             chunk = chunk + [chunk[-1]] * (width - len(chunk))  # pad to the compiled batch; dropped below
-            ct, cs = sampler.left_pad([pairs[i][0] for i, _ in chunk], length=length)
-            keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed + i), j) for i, j in chunk])
+            ct, cs = sampler.left_pad([prepared[i][0] for i, _ in chunk], length=length)
+            keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(items[i][1]), j) for i, j in chunk])
             kw = dict(cd_rows=np.array([j % 2 == 1 for _, j in chunk]))
             if guided:
-                ut, us = sampler.left_pad([pairs[i][1] for i, _ in chunk], length=length)
+                ut, us = sampler.left_pad([prepared[i][1] for i, _ in chunk], length=length)
                 kw.update(uncond_prompts=jnp.asarray(ut), uncond_starts=jnp.asarray(us))
             out, _ = sampler.generate(self.params, jnp.asarray(ct), jnp.asarray(cs), keys, cfg=self.b.cfg,
                                       max_new_tokens=n_codes + 1, settings=settings,
@@ -280,8 +317,12 @@ class Generator:
             real = min(width, len(rows) - start)
             codes[start:start + real] = self.b.vocab.id_to_image_code(np.asarray(out)[:real, :n_codes])
         imgs = self.vq.decode(codes)
-        return [(imgs[i * num_samples:(i + 1) * num_samples], codes[i * num_samples:(i + 1) * num_samples],
-                 retrieved[i]) for i in range(len(prompts))]
+        start = 0
+        for i in sorted(prepared):
+            n = items[i][2]
+            results[i] = (imgs[start:start + n], codes[start:start + n], prepared[i][2])
+            start += n
+        return results
 
     def image_ids(self, image: np.ndarray) -> np.ndarray:
         """Unified ids of an image's VQ-GAN codes."""
