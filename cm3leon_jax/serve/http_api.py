@@ -66,19 +66,18 @@ def add_routes(app, server) -> None:
             return await loop.run_in_executor(None, server.generate_response, r, imgs, retrieved, loop.time() - t)
         return await answer(request, work)
 
-    @app.post("/api/describe")
-    async def describe(request: Request):
-        async def work(body):
-            r = req_lib.describe_request(body, server.g.vq.resolution)
-            return await asyncio.get_running_loop().run_in_executor(None, server.describe, r)
-        return await answer(request, work)
+    def one_at_a_time(parse, run):
+        """A route that checks its body with `parse(body, resolution)` and
+        runs `run(request)` on a worker thread (image -> text, editing)."""
+        async def route(request: Request):
+            async def work(body):
+                r = parse(body, server.g.vq.resolution)
+                return await asyncio.get_running_loop().run_in_executor(None, run, r)
+            return await answer(request, work)
+        return route
 
-    @app.post("/api/edit")
-    async def edit(request: Request):
-        async def work(body):
-            r = req_lib.edit_request(body, server.g.vq.resolution)
-            return await asyncio.get_running_loop().run_in_executor(None, server.edit, r)
-        return await answer(request, work)
+    app.post("/api/describe")(one_at_a_time(req_lib.describe_request, server.describe))
+    app.post("/api/edit")(one_at_a_time(req_lib.edit_request, server.edit))
 
     @app.get("/api/info")
     async def info():
