@@ -24,7 +24,8 @@ venv: $(STAMP)
 # workers on 2 cores take 18 min (516 tests, clean clone, 2026-12-04); 21 min
 # on 2026-12-06's CPU (527 tests, the memorisation test among them: ~2 min);
 # 26 min 42 s for 631 tests on a clean clone later that day, under hypervisor
-# steal with a training beside it (issues 26-27 added ~100 tests): to trim.
+# steal with a training beside it; on a quiet machine 632 tests took 21 min 48 s,
+# and `.ci/run` on a clean clone with the serve tests (641 tests, chromium) 20 min 21 s.
 # pytest's exit 5 ("no tests collected") is reported and fails like any error.
 # lint-imports first: the layer contracts (.importlinter, ARCHITECTURE.md)
 # fail the target before any test runs.
