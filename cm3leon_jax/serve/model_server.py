@@ -182,10 +182,16 @@ class ModelServer:
     # -- start-up ------------------------------------------------------------------
     def warm_up(self) -> float:
         """Compiles the text -> image sampler for the default settings at
-        the batch widths requests will use, before the server says it is ready."""
+        every batch width requests can use (4, 8, ... max_batch_rows),
+        before the server says it is ready."""
         t = time.time()
         prompt = (self.example_prompts(1) or ["a red circle"])[0]
-        for rows in sorted({self._width(4), self.config.max_batch_rows}):
+        widths = {self.config.max_batch_rows}
+        width = self._width(1)
+        while width < self.config.max_batch_rows:
+            widths.add(width)
+            width *= 2
+        for rows in sorted(widths):
             r = req_lib.GenerateRequest(prompt=prompt, num_samples=rows, num_retrieved=min(2, self.max_retrieved))
             self._run_batch((r.decoding.settings(), r.num_retrieved), [r])
         return time.time() - t
