@@ -94,7 +94,7 @@ def _number(body: Dict[str, Any], name: str, default, lo, hi, integer: bool = Fa
     return value
 
 
-def text(value, name: str, required: bool) -> str:
+def text(value, name: str, required: bool, what: str = "the text to generate an image for") -> str:
     """A prompt: a string, cleaned by the ingestion policy, within MAX_PROMPT_CHARS."""
     from cm3leon_jax.data import text as text_lib
 
@@ -109,7 +109,7 @@ def text(value, name: str, required: bool) -> str:
     except ValueError as e:
         raise RequestError(str(e)) from None
     if required and not value:
-        raise RequestError(f"{name} is empty: give the text to generate an image for")
+        raise RequestError(f"{name} is empty: give {what}")
     return value
 
 
@@ -195,7 +195,8 @@ def edit_request(body, resolution: int) -> EditRequest:
     body = _object(body)
     _known(body, ("image", "prompt", "num_samples", "seed", "image_cfg_scale") + _DECODING_FIELDS)
     image = decode_image(image_bytes(body.get("image")), resolution)
-    return EditRequest(image=image, prompt=text(body.get("prompt"), "prompt", required=True),
+    return EditRequest(image=image, prompt=text(body.get("prompt"), "prompt", required=True,
+                                                what="the instruction, e.g. 'make the circle green'"),
                        num_samples=_number(body, "num_samples", 4, 1, MAX_SAMPLES, integer=True),
                        seed=_number(body, "seed", 0, 0, 2 ** 31 - 1 - MAX_SAMPLES, integer=True),
                        image_cfg_scale=_number(body, "image_cfg_scale", 1.5, 1.0, 30.0),
