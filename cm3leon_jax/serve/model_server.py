@@ -5,7 +5,6 @@ a time on the same worker. The page and the HTTP API both call this."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import threading
@@ -124,11 +123,6 @@ class ModelServer:
         """A future of (images, codes, retrieved); QueueFull when the queue is full."""
         return self.batcher.submit((r.decoding.settings(), r.num_retrieved), r)
 
-    def generate(self, r: req_lib.GenerateRequest, timeout: Optional[float] = None) -> dict:
-        t = time.time()
-        imgs, _, retrieved = self.submit_generate(r).result(timeout)
-        return self.generate_response(r, imgs, retrieved, time.time() - t)
-
     def generate_response(self, r: req_lib.GenerateRequest, imgs: np.ndarray, retrieved, seconds: float) -> dict:
         """Samples ordered by CLIP score (as `cm3leon generate` names its
         files), base64 PNGs saved as it saves them, the retrieved documents
@@ -206,6 +200,3 @@ class ModelServer:
     def close(self) -> None:
         self.batcher.close()
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"))
