@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import List
 
-from cm3leon_jax.commands.helpers import add_sampling_args, input_error, sampling_settings
+from cm3leon_jax.commands.helpers import (add_model_bundle_args, add_sampling_args, input_error,
+                                          sampling_settings)
 
 
 def add_generate(sub):
@@ -46,10 +47,7 @@ def add_generate(sub):
                    help="int8: weight-only int8 decoding, about half the bf16 weight bytes (default none)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed writes the same PNGs")
     p.add_argument("--out", default=None, help="output dir (text -> image)")
-    p.add_argument("--vqgan_dir", default=None, help="override the VQ-GAN of the training data")
-    p.add_argument("--text_tokenizer", default=None, help="override the BPE of the training data")
-    p.add_argument("--clip_dir", default=None, help="override the CLIP of the training data")
-    p.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir (bank and index for retrieval)")
+    add_model_bundle_args(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -53,6 +53,15 @@ def add_sampling_args(p) -> None:
                         "SamplingSettings)")
 
 
+def add_model_bundle_args(p) -> None:
+    """The flags that override what a model dir's training data names
+    (`generate`, `serve`): the VQ-GAN, BPE and CLIP dirs and the task data dir."""
+    p.add_argument("--vqgan_dir", default=None, help="override the VQ-GAN of the training data")
+    p.add_argument("--text_tokenizer", default=None, help="override the BPE of the training data")
+    p.add_argument("--clip_dir", default=None, help="override the CLIP of the training data")
+    p.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir (bank and index for retrieval)")
+
+
 def sampling_settings(args):
     from cm3leon_jax.sampling.sampler import SamplingSettings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import List
 
-from cm3leon_jax.commands.helpers import input_error
+from cm3leon_jax.commands.helpers import add_model_bundle_args, input_error
 
 
 def add_serve(sub) -> None:
@@ -33,10 +33,7 @@ def add_serve(sub) -> None:
                    help="how long a request waits for others to share its batch (default 50 ms)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="weight-only int8 decoding")
     p.add_argument("--no_warm_up", action="store_true", help="do not compile the sampler before serving")
-    p.add_argument("--vqgan_dir", default=None, help="override the VQ-GAN of the training data")
-    p.add_argument("--text_tokenizer", default=None, help="override the BPE of the training data")
-    p.add_argument("--clip_dir", default=None, help="override the CLIP of the training data")
-    p.add_argument("--data_dir", default=None, help="a `cm3leon task-data` dir (bank and index for retrieval)")
+    add_model_bundle_args(p)
     p.set_defaults(func=cmd_serve)
 
 
