@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=700, help="training steps (TRAIN_STEPS)")
     p.add_argument("--eval_every", type=int, default=100, help="checkpoint (and score) every N steps")
     p.add_argument("--cfg_scale", type=float, default=3.0)
-    p.add_argument("--num_retrieved", type=int, default=2)
+    p.add_argument("--num_retrieved", type=int, default=1, help="retrieved documents at sampling (the demo trains with 1)")
     p.add_argument("--decoding", default="top_p", choices=("top_p", "cd_k", "mixed"))
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
