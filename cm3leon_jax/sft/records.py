@@ -206,8 +206,10 @@ def prepare_sft(records: Union[str, Iterable[dict]], out_dir: str, vqgan_dir: st
     vq, text_tok, vocab = open_tokenizers(vqgan_dir, text_tokenizer)
     manifest = _open_manifest(out_dir, vocab, vqgan_dir, text_tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "*", f"{split}-*.tfrecord*")):
-        os.remove(old)
+    # An interrupted run's temporary shards are garbage; the split's finished
+    # shards stay until this run has written its own (a failure keeps them).
+    for stale in glob.glob(os.path.join(out_dir, "*", f"{split}-*.tfrecord.tmp")):
+        os.remove(stale)
 
     skipped = collections.Counter()
     counts = collections.Counter()
@@ -281,12 +283,20 @@ def prepare_sft(records: Union[str, Iterable[dict]], out_dir: str, vqgan_dir: st
     bar.close()
     for w in writers.values():
         w.close()
-    # Shard names get their final -of-NNNNN once the split's counts are known.
+    # Shard names get their final -of-NNNNN once the split's counts are known;
+    # then the split's previous shards (every family's: a rerun replaces the
+    # whole split) go.
+    final = set()
     for family in counts:
         n = (counts[family] + records_per_shard - 1) // records_per_shard
         for k in range(n):
             src = os.path.join(out_dir, family, f"{split}-{k:05d}.tfrecord.tmp")
-            os.replace(src, os.path.join(out_dir, family, f"{split}-{k:05d}-of-{n:05d}.tfrecord"))
+            dst = os.path.join(out_dir, family, f"{split}-{k:05d}-of-{n:05d}.tfrecord")
+            os.replace(src, dst)
+            final.add(os.path.abspath(dst))
+    for old in glob.glob(os.path.join(out_dir, "*", f"{split}-*-of-*.tfrecord")):
+        if os.path.abspath(old) not in final:
+            os.remove(old)
     entry = {"source": source if isinstance(source, str) else "<in memory>",
              "count": int(sum(counts.values())),
              "families": {f: {"count": int(counts[f]), "max_inputs_length": longest[f][0],

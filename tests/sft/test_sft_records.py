@@ -3,6 +3,7 @@ shapes instruction corpus's ground truth, and bad records skipped and
 counted by reason."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -118,3 +119,37 @@ def test_prepare_cleans_text_and_survives_any_line(tokenizers, tmp_path):
     text = TextTokenizer(bpe, vocab_lib.UnifiedVocabulary(**man["vocabulary"]))
     got = sorted(text.decode(r["instruction"]) for r in records.read_examples(str(tmp_path / "out"), "vqa", "train"))
     assert got == ["caf\ufffd?", "what colour \ufffd is it?"]
+
+
+def test_a_failed_rerun_keeps_the_split_and_a_finished_one_replaces_it(tokenizers, tmp_path):
+    """Never lost work: the old shards of a split go only once the rerun has
+    written its own. A rerun that dies part-way (here: its record stream
+    raises after one record) leaves the previous split readable; a finished
+    rerun replaces the whole split, every family's shards."""
+    vq, bpe = tokenizers
+    Image.fromarray(shapes.generate_example(0, 0, 32).image).save(tmp_path / "img.png")
+    vqa = {"id": "a", "task": "vqa", "instruction": "what colour is it?", "input_image": "img.png",
+           "output_text": "red", "meta": {"answer": "red"}}
+    cap = {"id": "c", "task": "captioning", "instruction": "describe it", "input_image": "img.png",
+           "output_text": "a red circle"}
+    out = str(tmp_path / "out")
+    src = tmp_path / "first.jsonl"
+    src.write_text(json.dumps(vqa) + "\n" + json.dumps(cap) + "\n")
+    records.prepare_sft(str(src), out, vq, bpe, progress=False)
+
+    def dies():
+        yield dict(vqa, id="z", output_text="blue", input_image=str(tmp_path / "img.png"))
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        records.prepare_sft(dies(), out, vq, bpe, progress=False, batch_size=1)
+    assert [r["id"] for r in records.read_examples(out, "vqa", "train")] == ["a"]
+    assert [r["id"] for r in records.read_examples(out, "captioning", "train")] == ["c"]
+
+    src2 = tmp_path / "second.jsonl"
+    src2.write_text(json.dumps(dict(vqa, id="b")) + "\n")
+    entry = records.prepare_sft(str(src2), out, vq, bpe, progress=False)
+    assert entry["count"] == 1
+    assert [r["id"] for r in records.read_examples(out, "vqa", "train")] == ["b"]
+    assert not records.read_examples(out, "captioning", "train")
+    assert not glob.glob(os.path.join(out, "*", "*.tmp"))
