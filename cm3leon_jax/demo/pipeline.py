@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import gin
 
@@ -197,12 +198,36 @@ def command_train(c: DemoConfig) -> List[str]:
                 *[f"--gin.{b}" for b in c.train_bindings])
 
 
+def planned_train_steps(model_dir: str) -> Optional[int]:
+    """The step `cm3leon train` stops at, from the config.gin it wrote
+    (`TRAIN_STEPS = N` or `train.train_steps = N`); None when not found."""
+    try:
+        with open(os.path.join(model_dir, "config.gin")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    for pattern in (r"^train\.train_steps\s*=\s*(\d+)\s*$", r"^TRAIN_STEPS\s*=\s*(\d+)\s*$"):
+        m = re.search(pattern, text, re.MULTILINE)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def result_train(c: DemoConfig) -> dict:
+    """The finished training's steps and last loss. A trainer that exits 0
+    before its last step (SIGTERM: it saves a checkpoint and stops, as on a
+    preempted pod) has not finished the stage: RuntimeError, no stage
+    marker, so a rerun resumes the training instead of sampling a half-trained
+    model."""
     from cm3leon_jax.demo import report
 
     curve = report.read_loss_curve(c.path("model"))
-    return {"model_dir": c.path("model"), "steps": curve[-1][0] if curve else 0,
-            "final_loss": curve[-1][1] if curve else None}
+    steps = curve[-1][0] if curve else 0
+    planned = planned_train_steps(c.path("model"))
+    if planned is not None and steps < planned:
+        raise RuntimeError(f"stage train: `cm3leon train` stopped at step {steps} of {planned} (interrupted); "
+                           "rerun the same `cm3leon demo` command to resume it from its last checkpoint")
+    return {"model_dir": c.path("model"), "steps": steps, "final_loss": curve[-1][1] if curve else None}
 
 
 def heldout_prompts(c: DemoConfig) -> List[str]:

@@ -41,6 +41,24 @@ def test_ablation_plan_has_each_family_around_one_base():
                                               "--num_samples=1"]
 
 
+def test_an_interrupted_training_is_not_a_finished_stage(tmp_path):
+    """`cm3leon train` exits 0 after a SIGTERM (checkpoint saved, as on a
+    preempted pod). The demo once took that for a finished training, wrote
+    the stage marker and sampled the half-trained model; a rerun then never
+    resumed it."""
+    c = pipeline.DemoConfig(out_dir=str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.gin").write_text("TRAIN_STEPS = 100\ntrain.train_steps = %TRAIN_STEPS\n")
+    rows = [{"step": s, "loss": 2.0 - s / 100} for s in range(10, 50, 10)]
+    (model / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RuntimeError, match="stopped at step 40 of 100"):
+        pipeline.result_train(c)
+    rows += [{"step": s, "loss": 1.0} for s in range(50, 110, 10)]
+    (model / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pipeline.result_train(c) == {"model_dir": str(model), "steps": 100, "final_loss": 1.0}
+
+
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown demo stage 'trian'"):
         pipeline.run(pipeline.DemoConfig(out_dir=str(tmp_path)), only=["trian"])
