@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 # The demo needs only the package: the test extras (torch, libtpu, gradio,
 # selenium, jupyter) add ~70 s to a fresh clone's `make demo` (1m36 for the
-# package, 2m45 with the extras, 2026-12-07), time its 30 minutes need.
+# package, 2m45 with the extras, 2026-12-07), time that its 30 minutes need.
 DEMO_STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast demo bench venv clean
