@@ -7,7 +7,7 @@ import argparse
 import importlib
 import os
 import re
-from typing import Iterable, List, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,6 +156,51 @@ def write_config(model_dir: str, filename: str = "config.gin") -> str:
         with paths_lib.open(path, "w", encoding="utf-8") as f:
             f.write(gin.config_str())
     return path
+
+
+_WRITTEN_BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s*(.*)$")
+
+
+def read_written_bindings(config_path: str) -> Dict[str, str]:
+    """The bindings of a config.gin that `write_config` wrote
+    (`gin.config_str()`), as {name: value text}: e.g. {'TRAIN_STEPS': '9000',
+    'train.train_steps': '%TRAIN_STEPS', 'DecoderConfig.d_model': '128'}. A
+    value that gin wrapped over several lines (`NAME = \\` and indented
+    lines: a long list or dict) is joined back into one line. Raises OSError
+    when the file cannot be read; local paths and URLs alike (paths.py)."""
+    from cm3leon_jax import paths as paths_lib
+
+    with paths_lib.open(config_path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out: Dict[str, str] = {}
+    name = None
+    for line in lines:
+        if name is not None and line[:1].isspace() and line.strip():
+            # a wrapped value's continuation (gin ends the first line with "\\")
+            out[name] = (out[name].rstrip("\\").rstrip() + " " + line.strip()).strip()
+            continue
+        m = _WRITTEN_BINDING.match(line)
+        name = m.group(1) if m else None
+        if m:
+            out[name] = m.group(2).strip()
+    return out
+
+
+def written_value(bindings: Dict[str, str], name: str):
+    """A binding of `read_written_bindings`' result as a Python literal,
+    following one macro reference (`train.train_steps = %TRAIN_STEPS`); None
+    when absent or not a literal (a configurable reference such as @f())."""
+    import ast
+
+    text = bindings.get(name)
+    if text is not None and text.startswith("%"):
+        text = bindings.get(text[1:])
+    if text is None:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
 
 
 def parse_from_args(args: argparse.Namespace, extra_bindings: Sequence[str],

@@ -143,3 +143,34 @@ def test_every_gin_file_parses(path):
         gin_utils.parse([path], [], extra_modules=modules, check_required=False)
     finally:
         gin.clear_config()
+
+
+def test_written_bindings_read_back_the_resolved_config(tmp_path):
+    """planned_train_steps (demo) and architecture_bindings (finetune) read a
+    model dir's config.gin through read_written_bindings: checked on what
+    gin.config_str() really writes, a value gin wraps over lines included."""
+    import gin
+
+    from cm3leon_jax.commands import sft
+    from cm3leon_jax.demo import pipeline
+
+    lengths = {f"feature_with_a_long_name_{i}": 64 * i for i in range(6)}  # > 80 chars: gin wraps it
+    try:
+        gin_utils.parse([os.path.join(REPO, "gin", "cm3leon_tiny.gin")],
+                        ["TRAIN_STEPS = 1234", f"TASK_FEATURE_LENGTHS = {lengths!r}",
+                         f"MODEL_DIR = {str(tmp_path)!r}"])
+        path = gin_utils.write_config(str(tmp_path))
+    finally:
+        gin.clear_config()
+    text = open(path).read()
+    assert "TASK_FEATURE_LENGTHS = \\\n    {'feature_with" in text  # really wrapped
+    bindings = gin_utils.read_written_bindings(path)
+    assert gin_utils.written_value(bindings, "TASK_FEATURE_LENGTHS") == lengths
+    assert bindings["train.train_steps"] == "%TRAIN_STEPS"
+    assert gin_utils.written_value(bindings, "train.train_steps") == 1234
+    assert gin_utils.written_value(bindings, "DecoderConfig.vocab_size") is None  # @vocab_size(): not a literal
+    assert pipeline.planned_train_steps(str(tmp_path)) == 1234
+    arch = sft.architecture_bindings(path)
+    assert "DecoderConfig.d_model = 128" in arch and "UnifiedVocabulary.image_codebook_size = 512" in arch
+    assert all(b.split(".")[0] in ("DecoderConfig", "UnifiedVocabulary") for b in arch)
+    assert pipeline.planned_train_steps(str(tmp_path / "nowhere")) is None

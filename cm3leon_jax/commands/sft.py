@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import List, Optional
 
@@ -61,19 +60,11 @@ def find_config(init_checkpoint: str) -> Optional[str]:
     return None
 
 
-_BINDING = re.compile(r"^(%s)\.(\w+)\s*=\s*(.+)$" % "|".join(ARCHITECTURE_CONFIGURABLES))
-
-
 def architecture_bindings(config_path: str) -> List[str]:
-    """The single-line `DecoderConfig.*` / `UnifiedVocabulary.*` bindings of a
-    written config.gin (gin.config_str() output)."""
-    out = []
-    with paths_lib.open(config_path, encoding="utf-8") as f:
-        for line in f:
-            m = _BINDING.match(line.strip())
-            if m:
-                out.append(f"{m.group(1)}.{m.group(2)} = {m.group(3)}")
-    return out
+    """The `DecoderConfig.*` / `UnifiedVocabulary.*` bindings of a written
+    config.gin (gin.config_str() output), as binding lines."""
+    return [f"{name} = {value}" for name, value in gin_utils.read_written_bindings(config_path).items()
+            if name.split(".")[0] in ARCHITECTURE_CONFIGURABLES and name.count(".") == 1]
 
 
 def cmd_finetune(args, gin_bindings: List[str]) -> int:

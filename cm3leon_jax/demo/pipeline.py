@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import gin
 
+from cm3leon_jax import gin_utils
 from cm3leon_jax.demo.child_process import Command, cli_command
 from cm3leon_jax.demo.stages import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
 
@@ -200,17 +200,15 @@ def command_train(c: DemoConfig) -> List[str]:
 
 def planned_train_steps(model_dir: str) -> Optional[int]:
     """The step `cm3leon train` stops at, from the config.gin it wrote
-    (`TRAIN_STEPS = N` or `train.train_steps = N`); None when not found."""
+    (`train.train_steps`, usually through `TRAIN_STEPS`); None when not found."""
     try:
-        with open(os.path.join(model_dir, "config.gin")) as f:
-            text = f.read()
+        bindings = gin_utils.read_written_bindings(os.path.join(model_dir, "config.gin"))
     except OSError:
         return None
-    for pattern in (r"^train\.train_steps\s*=\s*(\d+)\s*$", r"^TRAIN_STEPS\s*=\s*(\d+)\s*$"):
-        m = re.search(pattern, text, re.MULTILINE)
-        if m:
-            return int(m.group(1))
-    return None
+    steps = gin_utils.written_value(bindings, "train.train_steps")
+    if steps is None:
+        steps = gin_utils.written_value(bindings, "TRAIN_STEPS")
+    return steps if isinstance(steps, int) else None
 
 
 def result_train(c: DemoConfig) -> dict:
