@@ -16,9 +16,11 @@ checker scores them:
 - the tokenizer's ceiling: the same scores for the VQ-GAN reconstructions
   of the real held-out images (the best any decoder can do with these codes);
 - with real images (a captions.jsonl): the teacher-forced fit of their codes
-  in the `caption <break> image` layout (image-code NLL and argmax accuracy)
-  and how many of sample 0's images are exactly the real image's codes
-  (memorisation runs prompt with training captions).
+  in the `caption <break> image` layout (image-code NLL and argmax accuracy),
+  a binding probe (does the image fit its own caption better than the
+  caption with two shapes' kinds, or colours, swapped?) and how many of
+  sample 0's images are exactly the real image's codes (memorisation runs
+  prompt with training captions).
 
 Writes OUT/curve.json and OUT/curve.png and prints one JSON line last: the
 curve and the training minutes to reach whole-caption accuracy 0.5 (single
@@ -162,27 +164,62 @@ def image_logits(g, prefixes, ids):
     return np.stack([logits[i, len(r) - 1 - n:len(r) - 1] for i, r in enumerate(rows)])
 
 
-def teacher_forced(g, captions, image_paths) -> dict:
-    """The model's fit of `caption <break> image` (no retrieved documents),
-    the layout `generate` prompts with: mean NLL of the image codes and the
-    share of codes that are the argmax given the true codes before them."""
+def code_nll(g, captions, ids):
+    """[N, n] NLL of each image code ids[i] after `caption <break>` (no
+    retrieved documents: the layout `generate` prompts with), and the
+    teacher-forced logits."""
     import numpy as np
 
     from cm3leon_jax import vocab as vocab_lib
-    from cm3leon_jax.data.images import read_rgb as load_image
 
-    codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
-    ids = g.b.vocab.image_code_to_id(codes)
     logits = image_logits(g, [g.text.encode(c).tolist() + [vocab_lib.BREAK_ID] for c in captions], ids)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
+    return -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0], logits
+
+
+def binding_probe(g, captions, ids) -> dict:
+    """Does the model tie each word to its own shape? For every caption with
+    two shapes that differ in kind (colour), the image's codes are scored under
+    the caption and under `swap_attribute`'s swap: the share of captions whose
+    own caption fits better (0.5 for a bag of words, 1.0 for a model that
+    binds) and the mean margin in nats per image."""
+    import numpy as np
+
+    from cm3leon_jax.data.shapes import swap_attribute
+
+    out = {}
+    for attribute in ("kind", "color"):
+        pairs = [(i, swap_attribute(c, attribute)) for i, c in enumerate(captions)]
+        pairs = [(i, sw) for i, sw in pairs if sw]
+        if not pairs:
+            continue
+        sel = np.array([i for i, _ in pairs])
+        own = code_nll(g, [captions[i] for i in sel], ids[sel])[0].sum(1)
+        swapped = code_nll(g, [sw for _, sw in pairs], ids[sel])[0].sum(1)
+        margin = swapped - own
+        out[attribute] = {"captions": int(len(sel)), "prefers_own": round(float((margin > 0).mean()), 4),
+                          "margin_nats": round(float(margin.mean()), 3),
+                          "margin_se": round(float(margin.std() / np.sqrt(len(sel))), 3)}
+    return out
+
+
+def teacher_forced(g, captions, image_paths) -> dict:
+    """The model's fit of `caption <break> image`: mean NLL of the image
+    codes, the share of codes that are the argmax given the true codes before
+    them, the NLL by number of shapes, and the binding probe."""
+    import numpy as np
+
+    from cm3leon_jax.data.images import read_rgb as load_image
     from cm3leon_jax.data.shapes import caption_facts
 
+    codes = g.vq.encode(np.stack([load_image(p) for p in image_paths])).reshape(len(image_paths), -1)
+    ids = np.asarray(g.b.vocab.image_code_to_id(codes))
+    nll, logits = code_nll(g, captions, ids)
     counts = np.array([len(caption_facts(c).shapes) for c in captions])
     by_shapes = {str(n): float(nll[counts == n].mean()) for n in sorted(set(counts.tolist()))}
     return {"image_nll": float(nll.mean()), "code_accuracy": float((logits.argmax(-1) == ids).mean()),
-            "image_nll_by_shapes": by_shapes}
+            "image_nll_by_shapes": by_shapes, "binding": binding_probe(g, captions, ids)}
 
 
 def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_paths=None) -> dict:
@@ -318,6 +355,9 @@ def main(argv=None):
             line += (f" | teacher-forced codes: nll {row['teacher_forced']['image_nll']:.3f}, "
                      f"argmax {row['teacher_forced']['code_accuracy']:.3f}, nll by shapes "
                      + " ".join(f"{k}:{v:.3f}" for k, v in row["teacher_forced"]["image_nll_by_shapes"].items())
+                     + " | binding (own caption fits better than the swap) "
+                     + " ".join(f"{k} {v['prefers_own']:.2f} ({v['margin_nats']:+.2f} nats)"
+                                for k, v in row["teacher_forced"]["binding"].items())
                      + " | redrawn exactly "
                      f"{row['redrawn']['images_exact']:.3f} (codes {row['redrawn']['codes_equal']:.3f})")
         common.say(line)

@@ -260,6 +260,27 @@ def make_caption(facts: CaptionFacts) -> str:
     return " ".join(parts)
 
 
+def swap_attribute(caption: str, attribute: str) -> Optional[str]:
+    """The caption with `attribute` ("kind", "color" or "size") exchanged
+    between the first two shapes that differ in it, everything else kept:
+    "a red circle above a blue square" -> (kind) "a red square above a blue
+    circle". None when no two shapes differ in it. A binding probe: a model
+    that ties each word to its own shape fits the true image better under the
+    caption than under the swap; a bag of words fits both alike."""
+    if attribute not in ("kind", "color", "size"):
+        raise ValueError(f"swap_attribute: attribute must be 'kind', 'color' or 'size', got {attribute!r}")
+    facts = caption_facts(caption)
+    shapes = list(facts.shapes)
+    for i in range(len(shapes)):
+        for j in range(i + 1, len(shapes)):
+            a, b = getattr(shapes[i], attribute), getattr(shapes[j], attribute)
+            if a is not None and b is not None and a != b:
+                shapes[i] = dataclasses.replace(shapes[i], **{attribute: b})
+                shapes[j] = dataclasses.replace(shapes[j], **{attribute: a})
+                return make_caption(CaptionFacts(tuple(shapes), facts.relations))
+    return None
+
+
 _SIZE_WORDS = set(SIZES)
 _PHRASE_TO_RELATION = {v: k for k, v in RELATION_PHRASES.items()}
 _PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}

@@ -82,6 +82,24 @@ def test_make_caption_hand_worked():
     assert shapes.make_caption(facts) == "an orange circle below a large red square"
 
 
+def test_swap_attribute_hand_worked():
+    c = "a large red diamond below a small yellow square to the left of a small blue square"
+    assert shapes.swap_attribute(c, "kind") == \
+        "a large red square below a small yellow diamond to the left of a small blue square"
+    assert shapes.swap_attribute(c, "color") == \
+        "a large yellow diamond below a small red square to the left of a small blue square"
+    assert shapes.swap_attribute(c, "size") == \
+        "a small red diamond below a large yellow square to the left of a small blue square"
+    # the first two shapes agree in kind: the first differing pair is swapped
+    assert shapes.swap_attribute("a red circle above a blue circle to the left of a green star", "kind") == \
+        "a red star above a blue circle to the left of a green circle"
+    same = "a small red square above a small blue square"
+    assert shapes.swap_attribute(same, "kind") is None and shapes.swap_attribute(same, "size") is None
+    assert shapes.swap_attribute("a large blue triangle on the left", "color") is None
+    with pytest.raises(ValueError, match="attribute must be"):
+        shapes.swap_attribute(same, "position")
+
+
 def test_captions_parse_back_into_the_facts_they_were_made_from():
     for ex in shapes.generate(11, 300, 32):
         assert shapes.caption_facts(ex.caption) == ex.facts, ex.caption
