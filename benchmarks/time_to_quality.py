@@ -178,12 +178,13 @@ def code_nll(g, captions, ids):
     return -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0], logits
 
 
-def binding_probe(g, captions, ids) -> dict:
+def binding_probe(g, captions, ids, own_nll) -> dict:
     """Does the model tie each word to its own shape? For every caption with
     two shapes that differ in kind (colour), the image's codes are scored under
-    the caption and under `swap_attribute`'s swap: the share of captions whose
-    own caption fits better (0.5 for a bag of words, 1.0 for a model that
-    binds) and the mean margin in nats per image."""
+    the caption (`own_nll`, code_nll's [N, n] for `captions`) and under
+    `swap_attribute`'s swap: the share of captions whose own caption fits
+    better (0.5 for a bag of words, 1.0 for a model that binds) and the mean
+    margin in nats per image."""
     import numpy as np
 
     from cm3leon_jax.data.shapes import swap_attribute
@@ -195,7 +196,7 @@ def binding_probe(g, captions, ids) -> dict:
         if not pairs:
             continue
         sel = np.array([i for i, _ in pairs])
-        own = code_nll(g, [captions[i] for i in sel], ids[sel])[0].sum(1)
+        own = own_nll[sel].sum(1)
         swapped = code_nll(g, [sw for _, sw in pairs], ids[sel])[0].sum(1)
         margin = swapped - own
         out[attribute] = {"captions": int(len(sel)), "prefers_own": round(float((margin > 0).mean()), 4),
@@ -219,7 +220,7 @@ def teacher_forced(g, captions, image_paths) -> dict:
     counts = np.array([len(caption_facts(c).shapes) for c in captions])
     by_shapes = {str(n): float(nll[counts == n].mean()) for n in sorted(set(counts.tolist()))}
     return {"image_nll": float(nll.mean()), "code_accuracy": float((logits.argmax(-1) == ids).mean()),
-            "image_nll_by_shapes": by_shapes, "binding": binding_probe(g, captions, ids)}
+            "image_nll_by_shapes": by_shapes, "binding": binding_probe(g, captions, ids, nll)}
 
 
 def evaluate(args, model_dir: str, step: int, captions, best_of: int, image_paths=None) -> dict:
