@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from cm3leon_jax.models.causal_attention import attention_mask, causal_attention, num_query_blocks
 from cm3leon_jax.models.decoder_config import REMAT_POLICIES, DecoderConfig, as_dtype
 from cm3leon_jax.models.decoder_math import (apply_norm, apply_rotary, dense, head_norm, rotary_tables,
-                                             truncated_normal_init)
+                                             smear_keys, truncated_normal_init)
 from cm3leon_jax.models.image_positions import image_cell_embedding, image_cells
 
 
@@ -46,12 +46,13 @@ def _param(module: nn.Module, name: str, init, shape, axes, cfg: DecoderConfig):
 
 class Attention(nn.Module):
     """Causal multi-head self-attention (the mask must be causal, see
-    `causal_attention`)."""
+    `causal_attention`). `has_prev` [B, T]: which tokens have a previous
+    token in their segment (for `smeared_keys`)."""
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, mask, rope=None):
+    def __call__(self, x, mask, rope=None, has_prev=None):
         cfg = self.config
         h, k, d, g = cfg.num_heads, cfg.head_dim, cfg.d_model, cfg.kv_heads
         init = truncated_normal_init(cfg.init_std)
@@ -71,6 +72,9 @@ class Attention(nn.Module):
                            cfg.qk_norm_epsilon)
         if rope is not None:
             q, kk = apply_rotary(q, rope), apply_rotary(kk, rope)
+        if cfg.smeared_keys:
+            gate = _param(self, "key_smear", nn.initializers.zeros_init(), (g,), ("heads",), cfg)
+            kk = smear_keys(kk, gate, has_prev, time_axis=1)
         # Scale folded into q before the product, as OPT does.
         q = q * jnp.asarray(k ** -0.5, x.dtype)
         q = nn.with_logical_constraint(checkpoint_name(q, "query_proj"), qkv_axes)
@@ -120,16 +124,16 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, mask, rope=None):
+    def __call__(self, x, mask, rope=None, has_prev=None):
         cfg = self.config
         act_axes = ("activation_batch", "activation_length", "activation_embed")
         x = nn.with_logical_constraint(x, act_axes)
         n1, n2 = _norm_scale(self, "attention_norm", cfg), _norm_scale(self, "mlp_norm", cfg)
         if cfg.swin_norm:
-            x = x + apply_norm(Attention(cfg, name="attention")(x, mask, rope), n1, cfg)
+            x = x + apply_norm(Attention(cfg, name="attention")(x, mask, rope, has_prev), n1, cfg)
             x = x + apply_norm(MLP(cfg, name="mlp")(x), n2, cfg)
         else:
-            x = x + Attention(cfg, name="attention")(apply_norm(x, n1, cfg), mask, rope)
+            x = x + Attention(cfg, name="attention")(apply_norm(x, n1, cfg), mask, rope, has_prev)
             x = x + MLP(cfg, name="mlp")(apply_norm(x, n2, cfg))
         x = nn.with_logical_constraint(x, act_axes)
         if cfg.scan_layers:
@@ -177,6 +181,7 @@ class Decoder(nn.Module):
             x = x + image_cell_embedding(rows, cols, is_image, cell, cfg.image_grid).astype(dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = attention_mask(decoder_segment_ids, b, t)
+        has_prev = decoder_positions > 0  # positions restart at 0 in each packed segment
 
         layer_cls = DecoderLayer
         policy = REMAT_POLICIES[cfg.remat_policy]
@@ -190,10 +195,10 @@ class Decoder(nn.Module):
                 in_axes=nn.broadcast,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")(x, mask, rope)
+            )(cfg, name="layers")(x, mask, rope, has_prev)
         else:
             for i in range(cfg.num_layers):
-                x = layer_cls(cfg, name=f"layer_{i}")(x, mask, rope)
+                x = layer_cls(cfg, name=f"layer_{i}")(x, mask, rope, has_prev)
 
         x = apply_norm(x, _norm_scale(self, "final_norm", cfg), cfg)
         # Zero-initialised output projection, untied from the token embedding.

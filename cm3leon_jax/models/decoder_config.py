@@ -19,7 +19,7 @@ all in `DecoderConfig`, whose defaults are the CM3Leon architecture
   num_kv_heads=N        grouped-query attention: N key/value heads shared by
                         num_heads / N query heads each (None: num_heads).
 
-An option for small models that must learn images fast (off by default, so
+Options for small models that must learn images fast (off by default, so
 the paper's architecture is unchanged):
   image_positions="rows_cols"  learned row and column embeddings (DALL-E's
                         2-D positions) added to every image-code token: the
@@ -30,6 +30,15 @@ the paper's architecture is unchanged):
                         wherever the image sits in the sequence (after a
                         caption of any length, after retrieved documents).
                         The 1-D positions stay as they are.
+  smeared_keys=True     every attention key is mixed with the key of the
+                        token before it in its segment, sigmoid(g) k_t +
+                        (1 - sigmoid(g)) k_{t-1}, with a learned gate g per
+                        key head (0 at init: half and half). Olsson et al.
+                        (2022) found that it lets induction heads, which
+                        look up "the token after the one like mine", form
+                        at once; here it gives an image code's query, which
+                        knows its shape's colour, a key on the word after
+                        that colour in the caption (the shape's kind).
 """
 from __future__ import annotations
 
@@ -95,6 +104,7 @@ class DecoderConfig:
     image_positions: str = "none"    # "none" | "rows_cols" (see the module docstring)
     image_grid: int = 0              # codes per image side (32 for 256x256 at f=8)
     image_id_range: tuple = (0, 0)   # [start, end) of the image-code ids (`image_id_range()` in gin)
+    smeared_keys: bool = False       # keys mixed with the previous token's (see the module docstring)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -140,13 +150,14 @@ class DecoderConfig:
         matmul weights ("layer_matmul": q and out d x d each, k and v
         d x kv_heads x head_dim each, the MLP 2 or, gated, 3 d x d_ff) plus
         the norm gains and biases ("norm": RMSNorm gains, QK-norm, the final
-        norm; 0 for the gain-free LayerNorm)."""
+        norm, the smeared-key gates; 0 for the gain-free LayerNorm)."""
         d, f, v, L = self.d_model, self.d_ff, self.vocab_size, self.num_layers
         kv = self.kv_heads * self.head_dim
         per_layer = 2 * d * d + 2 * d * kv + (3 if self.mlp_type == "gated" else 2) * d * f
         norm_per_layer = (2 * d if self.norm == "rmsnorm" else 0) + \
             (2 * (d + kv) if self.qk_norm else 0)
         norm = L * norm_per_layer + (d if self.norm == "rmsnorm" else 0)
+        norm += L * self.kv_heads if self.smeared_keys else 0  # the key-smear gates, counted with the gains
         position = self.max_length * d if self.positions == "learned" else 0
         position += 2 * self.image_grid * d if self.image_positions == "rows_cols" else 0
         return {

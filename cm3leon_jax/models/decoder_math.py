@@ -1,7 +1,7 @@
 """The decoder's layer math, shared by the Flax modules (models/decoder.py)
 and the KV-cache forward (models/decoding.py): the truncated-normal init,
-LayerNorm / RMSNorm / QK-norm, rotary positions, and `dense`, every
-projection as one 2-D matmul."""
+LayerNorm / RMSNorm / QK-norm, rotary positions, smeared keys, and `dense`,
+every projection as one 2-D matmul."""
 from __future__ import annotations
 
 import math
@@ -72,6 +72,26 @@ def apply_rotary(x, rope):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def smear_keys(k, gate, has_prev, time_axis: int):
+    """Smeared keys (Olsson et al. 2022, "In-context learning and induction
+    heads"): each key mixed with the key of the token before it,
+    sigmoid(gate) k_t + (1 - sigmoid(gate)) k_{t-1}, one gate per key head.
+
+    k: [B, T, H, K] (time_axis 1, the training layout) or [B, H, S, K]
+    (time_axis 2, the KV cache's); gate: [H]; has_prev: bool [B, T] (or
+    [B, S]), False where t is the first token of its segment (position 0),
+    which then has no previous key to mix in."""
+    head_axis = 2 if time_axis == 1 else 1
+    shape = [1] * k.ndim
+    shape[head_axis] = k.shape[head_axis]
+    w = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(k.dtype).reshape(shape)
+    pad = [(0, 0)] * k.ndim
+    pad[time_axis] = (1, 0)
+    prev = jax.lax.slice_in_dim(jnp.pad(k, pad), 0, k.shape[time_axis], axis=time_axis)
+    hp = jnp.expand_dims(has_prev, (2, 3) if time_axis == 1 else (1, 3))
+    return w * k + (1 - w) * jnp.where(hp, prev, jnp.zeros((), k.dtype))
 
 
 def dense(x, w, contract: int = 1):

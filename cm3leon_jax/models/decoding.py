@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.models.decoder_config import DecoderConfig, as_dtype
-from cm3leon_jax.models.decoder_math import apply_norm, apply_rotary, head_norm, rotary_tables
+from cm3leon_jax.models.decoder_math import apply_norm, apply_rotary, head_norm, rotary_tables, smear_keys
 from cm3leon_jax.models.image_positions import image_cell_embedding, image_cells
 
 
@@ -114,6 +114,10 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
     keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     mask = mask[:, None]  # [B, 1, T, S]
+    # smeared keys: the cache holds the raw keys; each read mixes slot s with
+    # slot s - 1 when s - 1 is a real slot of the row (positions count from
+    # the row's first real slot, as in training's segments)
+    slot_has_prev = keys[None, :] > start[:, None]  # [B, S]
     act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
     scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
     layers = layer_params(params, cfg) if layers is None else layers
@@ -138,15 +142,18 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         v = heads_first(q_lib.matmul(h, a["value"], 1, dtype)).astype(c["value"].dtype)
         ck = jax.lax.dynamic_update_slice(c["key"], kk, (0, 0, index, 0))
         cv = jax.lax.dynamic_update_slice(c["value"], v, (0, 0, index, 0))
+        read_k = ck.astype(dtype)
+        if cfg.smeared_keys:
+            read_k = smear_keys(read_k, jnp.asarray(a["key_smear"]), slot_has_prev, time_axis=2)
         if groups == 1:
-            scores = jnp.einsum("bhtk,bhsk->bhts", q, ck.astype(dtype)).astype(jnp.float32)
+            scores = jnp.einsum("bhtk,bhsk->bhts", q, read_k).astype(jnp.float32)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             ctx = jnp.einsum("bhts,bhsk->bhtk", probs, cv.astype(dtype))
         else:  # each cached kv head serves `groups` query heads, read without repeating the cache
             b = q.shape[0]
             qg = q.reshape(b, cfg.kv_heads, groups, t, cfg.head_dim)
-            scores = jnp.einsum("bgrtk,bgsk->bgrts", qg, ck.astype(dtype)).astype(jnp.float32)
+            scores = jnp.einsum("bgrtk,bgsk->bgrts", qg, read_k).astype(jnp.float32)
             scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             ctx = jnp.einsum("bgrts,bgsk->bgrtk", probs, cv.astype(dtype)).reshape(q.shape)

@@ -40,9 +40,23 @@ def _full_greedy(cfg, params, prompt, n):
     return seq[len(prompt) + 1:]
 
 
+def _smeared(scan_layers=True, seed=0):
+    """A model with smeared keys whose gates differ per head and layer (init:
+    all 0), and queries and keys large enough that attention is not uniform
+    (at init std 0.006 it is, and no key matters)."""
+    cfg, params = _model(scan_layers, seed, smeared_keys=True)
+    for name in (["layers"] if scan_layers else [f"layer_{i}" for i in range(cfg.num_layers)]):
+        att = dict(params[name]["attention"])
+        att["key_smear"] = jnp.linspace(-2.0, 2.0, att["key_smear"].size).reshape(att["key_smear"].shape)
+        att["query"], att["key"] = att["query"] * 50, att["key"] * 50
+        params[name] = dict(params[name], attention=att)
+    return cfg, params
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_forward_equals_the_full_pass(scan_layers, prefill_then_step):
-    cfg, params = _model(scan_layers)
+@pytest.mark.parametrize("smeared", [False, True])
+def test_cached_forward_equals_the_full_pass(scan_layers, smeared, prefill_then_step):
+    cfg, params = _smeared(scan_layers) if smeared else _model(scan_layers)
     toks = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 4, VOCAB.size)
     full = Decoder(cfg).apply({"params": params}, toks)
     cache = init_cache(cfg, 2, 16)
@@ -53,8 +67,9 @@ def test_cached_forward_equals_the_full_pass(scan_layers, prefill_then_step):
     np.testing.assert_allclose(np.asarray(prefill_then_step(params, cfg, toks, 8, 16)), np.asarray(full), atol=1e-5)
 
 
-def test_greedy_with_cache_equals_greedy_by_full_recompute():
-    cfg, params = _model()
+@pytest.mark.parametrize("smeared", [False, True])
+def test_greedy_with_cache_equals_greedy_by_full_recompute(smeared):
+    cfg, params = _smeared() if smeared else _model()
     prompts = [[10, 70, 80, 2, 90], [100, 101, 2, 65, 66, 67, 68, 69]]  # different lengths: left padding
     padded, starts = sampler.left_pad(prompts)
     out, lengths = sampler.generate(params, jnp.asarray(padded), jnp.asarray(starts), jax.random.PRNGKey(0),
@@ -235,3 +250,49 @@ def test_per_row_keys_make_rows_independent_of_the_batch():
     for r in range(3):
         assert (run([r]) == together[r]).all()
     assert not (together[0] == together[2]).all()
+
+
+def test_smear_keys_by_hand():
+    from cm3leon_jax.models.decoder_math import smear_keys
+
+    # one row, 3 tokens, 2 heads of size 1; the third token starts a new segment
+    k = jnp.asarray([[[[1.0], [10.0]], [[2.0], [20.0]], [[3.0], [30.0]]]])  # [B=1, T=3, H=2, K=1]
+    gate = jnp.asarray([0.0, jnp.log(3.0)])  # sigmoid: 1/2 and 3/4
+    has_prev = jnp.asarray([[False, True, False]])
+    got = np.asarray(smear_keys(k, gate, has_prev, time_axis=1))[0, :, :, 0]
+    want = [[0.5 * 1, 0.75 * 10],            # first of its segment: nothing mixed in
+            [0.5 * 2 + 0.5 * 1, 0.75 * 20 + 0.25 * 10],
+            [0.5 * 3, 0.75 * 30]]            # new segment: token 2's key is not mixed in
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # the cache layout [B, H, S, K] gives the same numbers
+    cached = np.asarray(smear_keys(jnp.swapaxes(k, 1, 2), gate, has_prev, time_axis=2))
+    np.testing.assert_allclose(np.swapaxes(cached, 1, 2)[0, :, :, 0], want, rtol=1e-6)
+
+
+def test_smeared_keys_stay_inside_a_packed_segment():
+    # two documents packed in one row give the logits each gets alone
+    cfg, params = _smeared(scan_layers=False)
+    a = jax.random.randint(jax.random.PRNGKey(5), (1, 7), 4, VOCAB.size)
+    b = jax.random.randint(jax.random.PRNGKey(6), (1, 5), 4, VOCAB.size)
+    model = Decoder(cfg)
+    packed = model.apply({"params": params}, jnp.concatenate([a, b], 1),
+                         decoder_segment_ids=jnp.asarray([[1] * 7 + [2] * 5]),
+                         decoder_positions=jnp.asarray([list(range(7)) + list(range(5))]))
+    np.testing.assert_allclose(np.asarray(packed[:, 7:]), np.asarray(model.apply({"params": params}, b)), atol=1e-5)
+    # and the gates matter: the same weights with them off give other logits
+    plain = Decoder(DecoderConfig(**{**cfg.__dict__, "smeared_keys": False})).apply({"params": params}, b)
+    assert not np.allclose(np.asarray(plain), np.asarray(model.apply({"params": params}, b)), atol=1e-3)
+
+
+def test_smeared_keys_never_mix_in_a_left_padding_slot():
+    # row 0: 3 junk slots before its first real slot; its logits must be those
+    # of its real tokens alone (positions count from the first real slot)
+    cfg, params = _smeared(scan_layers=False)
+    real = jax.random.randint(jax.random.PRNGKey(7), (1, 6), 4, VOCAB.size)
+    junk = jax.random.randint(jax.random.PRNGKey(8), (1, 3), 4, VOCAB.size)
+    toks = jnp.concatenate([junk, real], 1)
+    start = jnp.asarray([3], jnp.int32)
+    pos = jnp.maximum(jnp.arange(9)[None, :] - start[:, None], 0)
+    got, _ = cached_forward(params, cfg, toks, pos, start, init_cache(cfg, 1, 16), 0)
+    want = Decoder(cfg).apply({"params": params}, real)
+    np.testing.assert_allclose(np.asarray(got[:, 3:]), np.asarray(want), atol=1e-5)
