@@ -3,10 +3,11 @@
 Scores checkpoints of a trained decoder teacher-forced, without sampling
 (about 20 s of CPU a checkpoint on the 200 held-out captions): the
 image-code NLL of `caption <break> image` (by number of shapes) and
-time_to_quality's binding probe, the share of two-shape captions whose real
-image fits its own caption better than the caption with the two shapes'
-kinds (colours) swapped (0.5 for a model that reads a bag of words, 1.0 for
-one that binds) and the mean margin in nats per image.
+time_to_quality's binding probe, the share of multi-shape captions whose
+real image fits its own caption better than the caption with two shapes'
+kinds (colours) swapped, or with the first relation turned to its opposite
+(0.5 for a model that reads a bag of words, 1.0 for one that binds), and
+the mean margin in nats per image.
 
 It judges a lever by the step at which binding starts, which the image NLL
 and short sampled runs do not show (benchmarks/RESULTS.md, "A binding

@@ -180,9 +180,10 @@ def code_nll(g, captions, ids):
 
 def binding_probe(g, captions, ids, own_nll) -> dict:
     """Does the model tie each word to its own shape? For every caption with
-    two shapes that differ in kind (colour), the image's codes are scored under
-    the caption (`own_nll`, code_nll's [N, n] for `captions`) and under
-    `swap_attribute`'s swap: the share of captions whose own caption fits
+    two shapes that differ in kind (colour), or with a relation, the image's
+    codes are scored under the caption (`own_nll`, code_nll's [N, n] for
+    `captions`) and under `swap_attribute`'s swap (the relation: its
+    opposite): the share of captions whose own caption fits
     better (0.5 for a bag of words, 1.0 for a model that binds) and the mean
     margin in nats per image."""
     import numpy as np
@@ -190,7 +191,7 @@ def binding_probe(g, captions, ids, own_nll) -> dict:
     from cm3leon_jax.data.shapes import swap_attribute
 
     out = {}
-    for attribute in ("kind", "color"):
+    for attribute in ("kind", "color", "relation"):
         pairs = [(i, swap_attribute(c, attribute)) for i, c in enumerate(captions)]
         pairs = [(i, sw) for i, sw in pairs if sw]
         if not pairs:

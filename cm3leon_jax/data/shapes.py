@@ -260,16 +260,28 @@ def make_caption(facts: CaptionFacts) -> str:
     return " ".join(parts)
 
 
+_OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
 def swap_attribute(caption: str, attribute: str) -> Optional[str]:
     """The caption with `attribute` ("kind", "color" or "size") exchanged
     between the first two shapes that differ in it, everything else kept:
     "a red circle above a blue square" -> (kind) "a red square above a blue
-    circle". None when no two shapes differ in it. A binding probe: a model
-    that ties each word to its own shape fits the true image better under the
-    caption than under the swap; a bag of words fits both alike."""
-    if attribute not in ("kind", "color", "size"):
-        raise ValueError(f"swap_attribute: attribute must be 'kind', 'color' or 'size', got {attribute!r}")
+    circle". For "relation", the first relation turned to its opposite (the
+    two shapes' places exchanged): -> "a red circle below a blue square".
+    None when no two shapes differ in it (no relation). A binding probe: a
+    model that ties each word to its own shape fits the true image better
+    under the caption than under the swap; a bag of words fits both alike."""
+    if attribute not in ("kind", "color", "size", "relation"):
+        raise ValueError(f"swap_attribute: attribute must be 'kind', 'color', 'size' or 'relation', "
+                         f"got {attribute!r}")
     facts = caption_facts(caption)
+    if attribute == "relation":
+        if not facts.relations:
+            return None
+        first = facts.relations[0]
+        flipped = (dataclasses.replace(first, relation=_OPPOSITE[first.relation]),) + facts.relations[1:]
+        return make_caption(CaptionFacts(facts.shapes, flipped))
     shapes = list(facts.shapes)
     for i in range(len(shapes)):
         for j in range(i + 1, len(shapes)):

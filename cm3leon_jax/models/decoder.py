@@ -73,7 +73,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, kk = apply_rotary(q, rope), apply_rotary(kk, rope)
         if cfg.smeared_keys:
-            gate = _param(self, "key_smear", nn.initializers.zeros_init(), (g,), ("heads",), cfg)
+            gate = _param(self, "key_smear", nn.initializers.constant(cfg.key_smear_init), (g,), ("heads",), cfg)
             kk = smear_keys(kk, gate, has_prev, time_axis=1)
         # Scale folded into q before the product, as OPT does.
         q = q * jnp.asarray(k ** -0.5, x.dtype)

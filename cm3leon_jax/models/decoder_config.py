@@ -33,7 +33,8 @@ the paper's architecture is unchanged):
   smeared_keys=True     every attention key is mixed with the key of the
                         token before it in its segment, sigmoid(g) k_t +
                         (1 - sigmoid(g)) k_{t-1}, with a learned gate g per
-                        key head (0 at init: half and half). Olsson et al.
+                        key head (key_smear_init at init; 0: half and
+                        half). Olsson et al.
                         (2022) found that it lets induction heads, which
                         look up "the token after the one like mine", form
                         at once; here it gives an image code's query, which
@@ -105,6 +106,7 @@ class DecoderConfig:
     image_grid: int = 0              # codes per image side (32 for 256x256 at f=8)
     image_id_range: tuple = (0, 0)   # [start, end) of the image-code ids (`image_id_range()` in gin)
     smeared_keys: bool = False       # keys mixed with the previous token's (see the module docstring)
+    key_smear_init: float = 0.0      # the smear gates' initial value g (sigmoid(g) of a key is its own)
 
     def __post_init__(self):
         if self.d_model % self.num_heads:

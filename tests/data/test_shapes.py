@@ -96,6 +96,12 @@ def test_swap_attribute_hand_worked():
     same = "a small red square above a small blue square"
     assert shapes.swap_attribute(same, "kind") is None and shapes.swap_attribute(same, "size") is None
     assert shapes.swap_attribute("a large blue triangle on the left", "color") is None
+    # relation: the first relation turned to its opposite, the rest kept
+    assert shapes.swap_attribute(c, "relation") == \
+        "a large red diamond above a small yellow square to the left of a small blue square"
+    assert shapes.swap_attribute("a red star to the right of a blue circle", "relation") == \
+        "a red star to the left of a blue circle"
+    assert shapes.swap_attribute("a large blue triangle on the left", "relation") is None
     with pytest.raises(ValueError, match="attribute must be"):
         shapes.swap_attribute(same, "position")
 

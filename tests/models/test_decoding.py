@@ -296,3 +296,10 @@ def test_smeared_keys_never_mix_in_a_left_padding_slot():
     got, _ = cached_forward(params, cfg, toks, pos, start, init_cache(cfg, 1, 16), 0)
     want = Decoder(cfg).apply({"params": params}, real)
     np.testing.assert_allclose(np.asarray(got[:, 3:]), np.asarray(want), atol=1e-5)
+
+
+def test_smear_gates_start_at_key_smear_init():
+    for init in (0.0, 2.0):
+        _, params = _model(scan_layers=False, smeared_keys=True, key_smear_init=init)
+        gates = [np.asarray(params[f"layer_{i}"]["attention"]["key_smear"]) for i in range(2)]
+        assert all(g.shape == (4,) and np.all(g == init) for g in gates)
