@@ -61,10 +61,10 @@ def test_int8_argmax_agrees_with_bf16_on_a_trained_tiny_model(tmp_path):
              f"--model_dir={tmp_path}"])  # log_every: SMALL's per-step metrics would be most of the time
     restored = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", "400", "state"))
     params = jax.tree.map(jnp.asarray, restored["params"])
-    # SMALL's sizes; positions and layer layout as gin/models/cm3leon_tiny.gin sets them
+    # SMALL's sizes; positions, smeared keys and layer layout as gin/models/cm3leon_tiny.gin sets them
     cfg = DecoderConfig(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, d_ff=256, max_length=512,
                         dtype="bfloat16", positions="rotary", image_positions="rows_cols", image_grid=8,
-                        image_id_range=(64, 576), scan_layers=False)
+                        image_id_range=(64, 576), scan_layers=False, smeared_keys=True)
     from cm3leon_jax.data import synthetic
 
     v = vocab_lib.UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, image_codebook_size=512,
