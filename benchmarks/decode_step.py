@@ -32,6 +32,8 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--calls", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--smeared_keys", action="store_true",
+                   help="the same model with smeared keys (DecoderConfig.smeared_keys)")
     args = p.parse_args()
 
     import flax.linen as nn
@@ -44,7 +46,7 @@ def main():
     from cm3leon_jax.models.decoding import cached_forward, init_cache, layer_params
 
     cfg = DecoderConfig(vocab_size=8192, num_layers=8, d_model=512, num_heads=8, d_ff=2048, max_length=1152,
-                        dtype="float32", param_dtype="float32")
+                        dtype="float32", param_dtype="float32", smeared_keys=args.smeared_keys)
     params = nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     params = jax.tree.map(jnp.asarray, params)
     # per-layer weights as their own buffers, as the sampler slices them once before its loop (a
@@ -91,7 +93,7 @@ def main():
             f"{row['floor_ms']:5.2f} ms -> {row['ratio']:.2f}x the floor ({row['read_gb_per_s']} GB/s)")
         rows.append(row)
     print(json.dumps({"benchmark": "decode_step", "batch": b, "dtype": "float32", "rows": rows,
-                      "numpy": np.__version__}), flush=True)
+                      "smeared_keys": args.smeared_keys, "numpy": np.__version__}), flush=True)
 
 
 if __name__ == "__main__":

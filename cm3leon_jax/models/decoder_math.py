@@ -74,22 +74,29 @@ def apply_rotary(x, rope):
     return x * cos + rotated * sin
 
 
-def smear_keys(k, gate, has_prev, time_axis: int):
+def smear_keys(k, gate, has_prev, time_axis: int, before=None):
     """Smeared keys (Olsson et al. 2022, "In-context learning and induction
     heads"): each key mixed with the key of the token before it,
     sigmoid(gate) k_t + (1 - sigmoid(gate)) k_{t-1}, one gate per key head.
 
-    k: [B, T, H, K] (time_axis 1, the training layout) or [B, H, S, K]
-    (time_axis 2, the KV cache's); gate: [H]; has_prev: bool [B, T] (or
-    [B, S]), False where t is the first token of its segment (position 0),
-    which then has no previous key to mix in."""
+    k: [B, T, H, K] (time_axis 1, the training layout) or [B, H, T, K]
+    (time_axis 2, the KV cache's); gate: [H]; has_prev: bool [B, T], False
+    where t is the first token of its segment (position 0), which then has
+    no previous key to mix in. before: the raw key of the token before
+    k's first, k's shape with 1 along time_axis (the KV cache's last
+    written key, when a decoding step smears only its new keys); None for
+    none."""
     head_axis = 2 if time_axis == 1 else 1
     shape = [1] * k.ndim
     shape[head_axis] = k.shape[head_axis]
     w = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(k.dtype).reshape(shape)
-    pad = [(0, 0)] * k.ndim
-    pad[time_axis] = (1, 0)
-    prev = jax.lax.slice_in_dim(jnp.pad(k, pad), 0, k.shape[time_axis], axis=time_axis)
+    if before is None:
+        pad = [(0, 0)] * k.ndim
+        pad[time_axis] = (1, 0)
+        prev = jax.lax.slice_in_dim(jnp.pad(k, pad), 0, k.shape[time_axis], axis=time_axis)
+    else:
+        prev = jnp.concatenate([before.astype(k.dtype),
+                                jax.lax.slice_in_dim(k, 0, k.shape[time_axis] - 1, axis=time_axis)], axis=time_axis)
     hp = jnp.expand_dims(has_prev, (2, 3) if time_axis == 1 else (1, 3))
     return w * k + (1 - w) * jnp.where(hp, prev, jnp.zeros((), k.dtype))
 

@@ -39,21 +39,33 @@ CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "acti
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int, dtype=None) -> tuple:
     """Zero keys and values: a tuple of num_layers {"key", "value"} dicts,
-    each [batch, heads, length, head_dim] (heads: the kv_heads, with GQA)."""
+    each [batch, heads, length, head_dim] (heads: the kv_heads, with GQA).
+
+    With `cfg.smeared_keys` the cached keys are the smeared ones, and each
+    dict also holds "prev_key" [batch, heads, 1, head_dim]: the raw key of
+    the last slot written, which the next step's first key is mixed with
+    (so a step smears its own keys only, not the whole cache)."""
     dtype = as_dtype(dtype or cfg.dtype)
     shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
+
+    def entry():
+        e = {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+        if cfg.smeared_keys:
+            e["prev_key"] = jnp.zeros(shape[:2] + (1,) + shape[3:], dtype)
+        return e
+    return tuple(entry() for _ in range(cfg.num_layers))
 
 
 def grow_cache(cache: tuple, length: int) -> tuple:
     """The cache with zero slots appended up to `length` (a copy; the
-    sampler does it once per DECODE_BUCKET steps)."""
+    sampler does it once per DECODE_BUCKET steps). "prev_key" (one slot,
+    smeared keys) is kept as it is."""
     def grow(a):
         extra = length - a.shape[2]
         if extra < 0:
             raise ValueError(f"grow_cache: cannot shrink a cache of {a.shape[2]} slots to {length}")
         return jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else a
-    return jax.tree.map(grow, cache)
+    return tuple({name: a if name == "prev_key" else grow(a) for name, a in entry.items()} for entry in cache)
 
 
 def layer_params(params: dict, cfg: DecoderConfig) -> list:
@@ -114,10 +126,11 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
     keys = jnp.arange(s)
     mask = (keys[None, None, :] >= start[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     mask = mask[:, None]  # [B, 1, T, S]
-    # smeared keys: the cache holds the raw keys; each read mixes slot s with
-    # slot s - 1 when s - 1 is a real slot of the row (positions count from
-    # the row's first real slot, as in training's segments)
-    slot_has_prev = keys[None, :] > start[:, None]  # [B, S]
+    # smeared keys: a new key at slot s is mixed with the raw key of slot
+    # s - 1 when s - 1 is a real slot of the row (positions count from the
+    # row's first real slot, as in training's segments); the cache holds the
+    # smeared keys, and the raw key of its last written slot for the next call
+    slot_has_prev = slots[None, :] > start[:, None]  # [B, T]
     act = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[cfg.activation]
     scale = jnp.asarray(cfg.head_dim ** -0.5, dtype)
     layers = layer_params(params, cfg) if layers is None else layers
@@ -138,13 +151,16 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
         if rope is not None:
             q, kk = apply_rotary(q, rope), apply_rotary(kk, rope)
         q = heads_first(q * scale)
-        kk = heads_first(kk).astype(c["key"].dtype)
+        kk = heads_first(kk)
+        entry = {}
+        if cfg.smeared_keys:
+            entry["prev_key"] = kk[:, :, -1:].astype(c["prev_key"].dtype)
+            kk = smear_keys(kk, jnp.asarray(a["key_smear"]), slot_has_prev, time_axis=2, before=c["prev_key"])
+        kk = kk.astype(c["key"].dtype)
         v = heads_first(q_lib.matmul(h, a["value"], 1, dtype)).astype(c["value"].dtype)
         ck = jax.lax.dynamic_update_slice(c["key"], kk, (0, 0, index, 0))
         cv = jax.lax.dynamic_update_slice(c["value"], v, (0, 0, index, 0))
         read_k = ck.astype(dtype)
-        if cfg.smeared_keys:
-            read_k = smear_keys(read_k, jnp.asarray(a["key_smear"]), slot_has_prev, time_axis=2)
         if groups == 1:
             scores = jnp.einsum("bhtk,bhsk->bhts", q, read_k).astype(jnp.float32)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -158,7 +174,7 @@ def cached_forward(params: dict, cfg: DecoderConfig, tokens, positions, start, c
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
             ctx = jnp.einsum("bgrts,bgsk->bgrtk", probs, cv.astype(dtype)).reshape(q.shape)
         out = q_lib.matmul(jnp.swapaxes(ctx, 1, 2), a["out"], 2, dtype)
-        return out, {"key": ck, "value": cv}
+        return out, {"key": ck, "value": cv, **entry}
 
     def mlp(m, h):
         if cfg.mlp_type == "gated":

@@ -303,3 +303,33 @@ def test_smear_gates_start_at_key_smear_init():
         _, params = _model(scan_layers=False, smeared_keys=True, key_smear_init=init)
         gates = [np.asarray(params[f"layer_{i}"]["attention"]["key_smear"]) for i in range(2)]
         assert all(g.shape == (4,) and np.all(g == init) for g in gates)
+
+
+def test_smeared_cache_holds_smeared_keys_and_grows_with_its_last_raw_key():
+    # left-padded row: prefill into an 8-slot cache, grow it to 16 (the
+    # sampler's bucket growth), then step one token at a time; each step
+    # smears its own key with the raw key of the slot before, which the cache
+    # keeps ("prev_key"), so the logits are the full pass's
+    from cm3leon_jax.models.decoding import grow_cache
+
+    cfg, params = _smeared(scan_layers=False)
+    real = jax.random.randint(jax.random.PRNGKey(9), (1, 10), 4, VOCAB.size)
+    junk = jax.random.randint(jax.random.PRNGKey(10), (1, 2), 4, VOCAB.size)
+    toks = jnp.concatenate([junk, real], 1)
+    start = jnp.asarray([2], jnp.int32)
+    pos = jnp.maximum(jnp.arange(12)[None, :] - start[:, None], 0)
+    cache = init_cache(cfg, 1, 8)
+    assert cache[0]["prev_key"].shape == (1, cfg.kv_heads, 1, cfg.head_dim)
+    first, cache = cached_forward(params, cfg, toks[:, :7], pos[:, :7], start, cache, 0)
+    cache = grow_cache(cache, 16)
+    assert cache[0]["key"].shape[2] == 16 and cache[0]["prev_key"].shape[2] == 1
+    steps = [first]
+    for i in range(7, 12):
+        s, cache = cached_forward(params, cfg, toks[:, i:i + 1], pos[:, i:i + 1], start, cache, i)
+        steps.append(s)
+    want = Decoder(cfg).apply({"params": params}, real)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)[:, 2:]), np.asarray(want), atol=1e-5)
+    # the cached keys are smeared: a step that re-smeared them would read
+    # other keys (the raw ones differ from the cached ones)
+    raw_prev = cache[0]["prev_key"][:, :, 0]
+    assert not np.allclose(np.asarray(cache[0]["key"][:, :, 11]), np.asarray(raw_prev), atol=1e-3)
