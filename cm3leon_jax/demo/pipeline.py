@@ -236,7 +236,9 @@ def heldout_prompts(c: DemoConfig) -> List[str]:
 def stage_generate(c: DemoConfig) -> dict:
     """Every ablation setting's samples for every held-out caption, in
     demo_out/samples/NAME/ (the layout of `cm3leon generate --out`). A
-    setting whose samples.json exists is kept (resumable per setting)."""
+    setting whose samples.json exists and was drawn with this very
+    checkpoint (`generate.checkpoint_identity`) is kept (resumable per
+    setting); one drawn with another is drawn again."""
     import gin as gin_lib
 
     from cm3leon_jax.sampling import generate as gen_lib
@@ -248,12 +250,19 @@ def stage_generate(c: DemoConfig) -> dict:
     g = gen_lib.Generator(bundle)
     done = {}
     todo = c.ablations["settings"]
+    current = gen_lib.checkpoint_identity(bundle.model_dir, bundle.step)
     for k, s in enumerate(todo):
         out = c.path("samples", s.name)
         if os.path.isfile(os.path.join(out, "samples.json")):
-            print(f"  [{k + 1}/{len(todo)}] {s.name}: done earlier", flush=True)
-            done[s.name] = out
-            continue
+            with open(os.path.join(out, "samples.json")) as f:
+                drawn_with = json.load(f).get("checkpoint")
+            if drawn_with == current:
+                print(f"  [{k + 1}/{len(todo)}] {s.name}: done earlier", flush=True)
+                done[s.name] = out
+                continue
+            print(f"  [{k + 1}/{len(todo)}] {s.name}: samples of another checkpoint "
+                  f"({(drawn_with or {}).get('path', 'unrecorded')}); drawing them again with "
+                  f"{current['path']}", flush=True)
         t = time.time()
         settings = SamplingSettings(s.decoding, temperature=c.temperature, top_p=c.top_p, cfg_scale=s.cfg_scale)
         gen_lib.write_samples(g, prompts, out + ".partial", settings, num_samples=s.num_samples, seed=c.seed,

@@ -363,6 +363,21 @@ def _grid(rows: List[np.ndarray], pad: int = 2) -> np.ndarray:
     return out
 
 
+def checkpoint_identity(model_dir: str, step: int) -> dict:
+    """What names the parameters a sample dir was drawn with: the step, the
+    checkpoint's resolved path (a model dir reached through a link names
+    the real one) and, on a local disk, when it was written (a model
+    retrained into the same dir is another checkpoint)."""
+    from cm3leon_jax import checkpoints as ckpt_lib
+
+    path = os.path.join(ckpt_lib.checkpoint_dir(model_dir), str(int(step)))
+    if paths_lib.is_url(path):
+        return {"step": int(step), "path": path, "written_ns": None}
+    path = os.path.realpath(path)
+    written = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+    return {"step": int(step), "path": path, "written_ns": written}
+
+
 def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, *, num_samples: int, seed: int,
                   num_retrieved: int = 0, keep: Optional[int] = None, batch_rows: int = 32) -> List[dict]:
     """PNGs (prompt index, rank by CLIP score), grid.png and samples.json;
@@ -397,5 +412,6 @@ def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, 
                        "samples": samples})
     Image.fromarray(_grid(grid_rows)).save(os.path.join(out_dir, "grid.png"), optimize=False)
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
-        json.dump({"model_dir": g.b.model_dir, "step": g.b.step, "prompts": report}, f, indent=1)
+        json.dump({"model_dir": g.b.model_dir, "step": g.b.step,
+                   "checkpoint": checkpoint_identity(g.b.model_dir, g.b.step), "prompts": report}, f, indent=1)
     return report

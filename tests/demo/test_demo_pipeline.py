@@ -157,3 +157,42 @@ def test_mini_demo_killed_in_training_resumes_and_writes_the_report(tmp_path):
     # the report's reproduce command gives the same samples as the demo's in-process generation
     json_line = json.loads(second.strip().splitlines()[-1])
     assert json_line["report"] == str(out / "report.md")
+
+    # a setting drawn with another checkpoint (say, the model dir was
+    # retrained or relinked) is drawn again; the others are kept
+    names = sorted(results["evals"])
+    stale = out / "samples" / names[0] / "samples.json"
+    rows = json.loads(stale.read_text())
+    rows["checkpoint"] = dict(rows["checkpoint"], path="/elsewhere/checkpoints/25")
+    stale.write_text(json.dumps(rows))
+    with open(tmp_path / "run3.log", "w") as log3:
+        rc = subprocess.run([sys.executable, "-m", "cm3leon_jax.cli", "demo", f"--gin_file={gin_file}",
+                             f"--out_dir={out}", "--no_progress", "--only", "generate"], cwd=REPO,
+                            stdout=log3, stderr=subprocess.STDOUT, timeout=600).returncode
+    third = (tmp_path / "run3.log").read_text()
+    assert rc == 0, third[-3000:]
+    assert f"{names[0]}: samples of another checkpoint (/elsewhere/checkpoints/25)" in third, third[-3000:]
+    assert all(f"{n}: done earlier" in third for n in names[1:]), third[-3000:]
+    assert json.loads(stale.read_text())["checkpoint"]["path"] == os.path.realpath(model_dir / "checkpoints" / "25")
+
+
+def test_checkpoint_identity_follows_links_and_retraining(tmp_path):
+    from cm3leon_jax.sampling.generate import checkpoint_identity
+
+    real = tmp_path / "runs" / "a" / "model"
+    (real / "checkpoints" / "9").mkdir(parents=True)
+    other = tmp_path / "runs" / "b" / "model"
+    (other / "checkpoints" / "9").mkdir(parents=True)
+    link = tmp_path / "model"
+    link.symlink_to(real)
+    first = checkpoint_identity(str(link), 9)
+    assert first["path"] == os.path.realpath(real / "checkpoints" / "9") and first["step"] == 9
+    assert checkpoint_identity(str(real), 9) == first
+    link.unlink()
+    link.symlink_to(other)  # relinked to another run's model: the same path and step, another checkpoint
+    assert checkpoint_identity(str(link), 9) != first
+    os.rmdir(real / "checkpoints" / "9")
+    time.sleep(0.01)
+    (real / "checkpoints" / "9").mkdir()  # retrained into the same dir
+    again = checkpoint_identity(str(real), 9)
+    assert again["path"] == first["path"] and again["written_ns"] != first["written_ns"]
