@@ -284,15 +284,21 @@ def test_smeared_keys_stay_inside_a_packed_segment():
     assert not np.allclose(np.asarray(plain), np.asarray(model.apply({"params": params}, b)), atol=1e-3)
 
 
+def _left_padded_row(seed: int, n_junk: int, n_real: int):
+    """One row of `n_junk` junk slots then `n_real` real tokens: (real
+    tokens, the row, its start [1], its positions counted from the start)."""
+    real = jax.random.randint(jax.random.PRNGKey(seed), (1, n_real), 4, VOCAB.size)
+    junk = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, n_junk), 4, VOCAB.size)
+    start = jnp.asarray([n_junk], jnp.int32)
+    pos = jnp.maximum(jnp.arange(n_junk + n_real)[None, :] - start[:, None], 0)
+    return real, jnp.concatenate([junk, real], 1), start, pos
+
+
 def test_smeared_keys_never_mix_in_a_left_padding_slot():
     # row 0: 3 junk slots before its first real slot; its logits must be those
     # of its real tokens alone (positions count from the first real slot)
     cfg, params = _smeared(scan_layers=False)
-    real = jax.random.randint(jax.random.PRNGKey(7), (1, 6), 4, VOCAB.size)
-    junk = jax.random.randint(jax.random.PRNGKey(8), (1, 3), 4, VOCAB.size)
-    toks = jnp.concatenate([junk, real], 1)
-    start = jnp.asarray([3], jnp.int32)
-    pos = jnp.maximum(jnp.arange(9)[None, :] - start[:, None], 0)
+    real, toks, start, pos = _left_padded_row(7, 3, 6)
     got, _ = cached_forward(params, cfg, toks, pos, start, init_cache(cfg, 1, 16), 0)
     want = Decoder(cfg).apply({"params": params}, real)
     np.testing.assert_allclose(np.asarray(got[:, 3:]), np.asarray(want), atol=1e-5)
@@ -313,11 +319,7 @@ def test_smeared_cache_holds_smeared_keys_and_grows_with_its_last_raw_key():
     from cm3leon_jax.models.decoding import grow_cache
 
     cfg, params = _smeared(scan_layers=False)
-    real = jax.random.randint(jax.random.PRNGKey(9), (1, 10), 4, VOCAB.size)
-    junk = jax.random.randint(jax.random.PRNGKey(10), (1, 2), 4, VOCAB.size)
-    toks = jnp.concatenate([junk, real], 1)
-    start = jnp.asarray([2], jnp.int32)
-    pos = jnp.maximum(jnp.arange(12)[None, :] - start[:, None], 0)
+    real, toks, start, pos = _left_padded_row(9, 2, 10)
     cache = init_cache(cfg, 1, 8)
     assert cache[0]["prev_key"].shape == (1, cfg.kv_heads, 1, cfg.head_dim)
     first, cache = cached_forward(params, cfg, toks[:, :7], pos[:, :7], start, cache, 0)
