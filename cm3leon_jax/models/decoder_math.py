@@ -90,13 +90,10 @@ def smear_keys(k, gate, has_prev, time_axis: int, before=None):
     shape = [1] * k.ndim
     shape[head_axis] = k.shape[head_axis]
     w = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(k.dtype).reshape(shape)
-    if before is None:
-        pad = [(0, 0)] * k.ndim
-        pad[time_axis] = (1, 0)
-        prev = jax.lax.slice_in_dim(jnp.pad(k, pad), 0, k.shape[time_axis], axis=time_axis)
-    else:
-        prev = jnp.concatenate([before.astype(k.dtype),
-                                jax.lax.slice_in_dim(k, 0, k.shape[time_axis] - 1, axis=time_axis)], axis=time_axis)
+    first = jax.lax.slice_in_dim(k, 0, 1, axis=time_axis)
+    before = jnp.zeros_like(first) if before is None else before.astype(k.dtype)
+    prev = jnp.concatenate([before, jax.lax.slice_in_dim(k, 0, k.shape[time_axis] - 1, axis=time_axis)],
+                           axis=time_axis)
     hp = jnp.expand_dims(has_prev, (2, 3) if time_axis == 1 else (1, 3))
     return w * k + (1 - w) * jnp.where(hp, prev, jnp.zeros((), k.dtype))
 

@@ -61,14 +61,23 @@ def test_int8_argmax_agrees_with_bf16_on_a_trained_tiny_model(tmp_path):
              f"--model_dir={tmp_path}"])  # log_every: SMALL's per-step metrics would be most of the time
     restored = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", "400", "state"))
     params = jax.tree.map(jnp.asarray, restored["params"])
-    # SMALL's sizes; positions, smeared keys and layer layout as gin/models/cm3leon_tiny.gin sets them
-    cfg = DecoderConfig(vocab_size=2048, num_layers=2, d_model=64, num_heads=4, d_ff=256, max_length=512,
-                        dtype="bfloat16", positions="rotary", image_positions="rows_cols", image_grid=8,
-                        image_id_range=(64, 576), scan_layers=False, smeared_keys=True)
-    from cm3leon_jax.data import synthetic
+    # the decoder and vocabulary the run wrote to its config.gin (as `load_model` reads them), in bf16
+    import dataclasses
 
-    v = vocab_lib.UnifiedVocabulary(num_special_tokens=64, num_mask_tokens=32, image_codebook_size=512,
-                                    text_vocab_size=1472)
+    import gin
+
+    from cm3leon_jax import gin_utils
+    from cm3leon_jax.data import synthetic
+    from cm3leon_jax.data.pipeline import TRAIN_DATA_MODULES
+
+    gin_utils.parse([os.path.join(tmp_path, "config.gin")], [], extra_modules=TRAIN_DATA_MODULES,
+                    check_required=False)
+    try:
+        cfg = dataclasses.replace(DecoderConfig(), dtype="bfloat16")
+        v = vocab_lib.UnifiedVocabulary()
+    finally:
+        gin.clear_config()
+    assert cfg.d_model == 64 and cfg.smeared_keys  # SMALL's sizes, gin/models/cm3leon_tiny.gin's options
     docs = [np.asarray(synthetic.synthetic_document(np.int64(i), 1, v)) for i in range(48)]  # validation stream
     t = max(len(d) for d in docs)
     toks = jnp.asarray(np.stack([np.pad(d, (0, t - len(d))) for d in docs]))
