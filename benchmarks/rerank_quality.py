@@ -7,7 +7,9 @@ wrote with N > 1 samples a prompt (samples.json + the PNGs), scores every
 image once with the shapes checker, then reranks each prompt's N images with
 every `--clip_dir` given (the dir the samples were reranked with, and any
 other CLIP: e.g. one trained with another recipe). Split by the number of
-shapes in the caption (1 / 2 / 3). The last line is JSON.
+shapes in the caption (1 / 2 / 3) and by kind of fact, as
+`cm3leon eval shapes` reports them (eval/shapes_breakdown.py). The last line
+is JSON.
 
   python benchmarks/rerank_quality.py --samples_dir=demo_full_out/samples/top_p_cfg3_r1_n8 \
       --clip_dir=demo_full_out/clip --clip_dir=/tmp/clip_other
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -40,12 +41,12 @@ def load_samples(samples_dir: str):
     return out
 
 
-def by_count(per_prompt: np.ndarray, counts: np.ndarray) -> dict:
-    """The mean of a per-prompt score, overall and by shape count."""
-    out = {"all": round(float(per_prompt.mean()), 4)}
-    for k in sorted(set(counts.tolist())):
-        out[f"{k}_shapes"] = round(float(per_prompt[counts == k].mean()), 4)
-    return out
+def picked(results, picks) -> dict:
+    """`shapes_breakdown.summarize` of one checker result per prompt: sample
+    picks[i] of prompt i."""
+    from cm3leon_jax.eval import shapes_breakdown
+
+    return shapes_breakdown.summarize(r[int(j)] for r, j in zip(results, picks))
 
 
 def main(argv=None) -> dict:
@@ -57,32 +58,30 @@ def main(argv=None) -> dict:
 
     from cm3leon_jax.data import shapes_check
     from cm3leon_jax.data.images import read_rgb
+    from cm3leon_jax.eval import shapes_breakdown
     from cm3leon_jax.retrieval.clip_encoder import ClipEncoder
     from cm3leon_jax.sampling import rerank
 
     t0 = time.time()
-    rows = load_samples(a.samples_dir)
+    try:
+        rows = load_samples(a.samples_dir)
+    except ValueError as e:
+        p.error(str(e))
     n = min(len(files) for _, files in rows)
     images = [[read_rgb(f) for f in files[:n]] for _, files in rows]
-    correct = np.zeros((len(rows), n))
-    counts = np.zeros(len(rows), int)
-    for i, ((prompt, _), imgs) in enumerate(zip(rows, images)):
-        for j, img in enumerate(imgs):
-            r = shapes_check.score(img, prompt)
-            correct[i, j] = r["all_correct"]
-            counts[i] = r["num_expected"]
+    results = [[shapes_check.score(img, prompt) for img in imgs] for (prompt, _), imgs in zip(rows, images)]
+    correct = np.array([[r["all_correct"] for r in rs] for rs in results], float)
     result = {"samples_dir": os.path.abspath(a.samples_dir), "prompts": len(rows), "samples_per_prompt": n,
-              "shape_counts": {str(k): int((counts == k).sum()) for k in sorted(set(counts.tolist()))},
-              "mean_sample": by_count(correct.mean(1), counts), "oracle": by_count(correct.max(1), counts),
-              "clip": {}}
-    common.say(f"{len(rows)} prompts x {n} samples; mean sample {result['mean_sample']['all']:.3f}, "
-               f"oracle (best by the checker) {result['oracle']['all']:.3f}")
+              "mean_sample": shapes_breakdown.summarize(r for rs in results for r in rs),
+              "oracle": picked(results, correct.argmax(1)), "clip": {}}
+    common.say(f"{len(rows)} prompts x {n} samples; mean sample {result['mean_sample']['accuracy']:.3f}, "
+               f"oracle (best by the checker) {result['oracle']['accuracy']:.3f}")
     for clip_dir in a.clip_dir:
         enc = ClipEncoder(clip_dir)
-        picks = np.array([int(np.argmax(rerank.clip_scores(enc, prompt, imgs)))
-                          for (prompt, _), imgs in zip(rows, images)])
-        result["clip"][os.path.abspath(clip_dir)] = by_count(correct[np.arange(len(rows)), picks], counts)
-        common.say(f"CLIP {clip_dir}: {result['clip'][os.path.abspath(clip_dir)]}")
+        picks = [int(np.argmax(rerank.clip_scores(enc, prompt, imgs))) for (prompt, _), imgs in zip(rows, images)]
+        s = result["clip"][os.path.abspath(clip_dir)] = picked(results, picks)
+        common.say(f"CLIP {clip_dir}: {s['accuracy']:.3f} (by shapes "
+                   f"{ {k: round(v['accuracy'], 3) for k, v in s['by_shapes'].items()} })")
     result["seconds"] = round(time.time() - t0, 1)
     line = json.dumps(result)
     if a.out:
@@ -93,4 +92,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
