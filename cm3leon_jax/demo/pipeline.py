@@ -107,6 +107,8 @@ class DemoConfig:
     task_data_flags: Sequence[str] = ()
     train_gin: str = "gin/cm3leon_tiny.gin"
     train_bindings: Sequence[str] = ()
+    time_budget_minutes: Optional[float] = None
+    minutes_after_train: float = 5.0
     retrieved: Sequence[int] = (0, 1, 2)
     cfg_scales: Sequence[float] = (1.0, 3.0, 5.0, 7.0)
     decodings: Sequence[str] = ("top_p", "cd_k", "mixed")
@@ -187,20 +189,58 @@ def result_task_data(c: DemoConfig) -> dict:
     return {"documents": man["count"], "skipped": man.get("skipped", {}), "data_dir": c.path("data")}
 
 
+def minutes_before_train(c: DemoConfig) -> float:
+    """Wall minutes the finished stages before training took, from their
+    markers (a group's stages run at once: the longest counts)."""
+    total = 0.0
+    for group in GROUPS[:GROUPS.index(("train",))]:
+        seconds = [0.0]
+        for name in group:
+            marker = c.path(STAGE_DIR, f"{name}.json")
+            if os.path.isfile(marker):
+                with open(marker) as f:
+                    seconds.append(float(json.load(f).get("seconds", 0.0)))
+        total += max(seconds)
+    return total / 60.0
+
+
+def train_budget_minutes(c: DemoConfig) -> Optional[float]:
+    """The decoder's share of `demo.time_budget_minutes`: what the stages
+    before it left, less `demo.minutes_after_train` for generation,
+    evaluation and the report; at least one minute. None without a budget."""
+    if c.time_budget_minutes is None:
+        return None
+    left = c.time_budget_minutes - minutes_before_train(c) - c.minutes_after_train
+    if left < 1.0:
+        print(f"  demo.time_budget_minutes={c.time_budget_minutes:g}: only {left:.1f} min left for "
+              "training; training for 1 minute", flush=True)
+    return max(1.0, left)
+
+
 def command_train(c: DemoConfig) -> List[str]:
     """`cm3leon train` on the task data; the unified vocabulary's text block
-    is sized to the BPE the data was prepared with (the CLIP's)."""
+    is sized to the BPE the data was prepared with (the CLIP's). With a demo
+    time budget, the trainer gets what is left of it
+    (`train.time_budget_minutes`; TRAIN_STEPS is then the most steps)."""
     with open(c.path("data", "prepared", "prepared.json")) as f:
         text_vocab = json.load(f)["settings"]["vocabulary"]["text_vocab_size"]
+    budget = train_budget_minutes(c)
     return cli_command("train", f"--gin_file={c.train_gin}", f"--model_dir={c.path('model')}",
                 f"--gin.shapes_data_dir.path={c.path('data')!r}",
                 f"--gin.UnifiedVocabulary.text_vocab_size={int(text_vocab)}",
-                *[f"--gin.{b}" for b in c.train_bindings])
+                *[f"--gin.{b}" for b in c.train_bindings],
+                *([f"--gin.train.time_budget_minutes={budget:.2f}"] if budget is not None else []))
 
 
 def planned_train_steps(model_dir: str) -> Optional[int]:
-    """The step `cm3leon train` stops at, from the config.gin it wrote
+    """The step `cm3leon train` stops at: its time budget's decision
+    (time_budget.json) when it made one, else from the config.gin it wrote
     (`train.train_steps`, usually through `TRAIN_STEPS`); None when not found."""
+    from cm3leon_jax.train import time_budget
+
+    plan = time_budget.read_plan(model_dir)
+    if plan is not None:
+        return plan.train_steps
     try:
         bindings = gin_utils.read_written_bindings(os.path.join(model_dir, "config.gin"))
     except OSError:
@@ -225,7 +265,14 @@ def result_train(c: DemoConfig) -> dict:
     if planned is not None and steps < planned:
         raise RuntimeError(f"stage train: `cm3leon train` stopped at step {steps} of {planned} (interrupted); "
                            "rerun the same `cm3leon demo` command to resume it from its last checkpoint")
-    return {"model_dir": c.path("model"), "steps": steps, "final_loss": curve[-1][1] if curve else None}
+    out = {"model_dir": c.path("model"), "steps": steps, "final_loss": curve[-1][1] if curve else None}
+    from cm3leon_jax.train import time_budget
+
+    plan = time_budget.read_plan(c.path("model"))
+    if plan is not None:
+        out["time_budget"] = {"minutes": round(plan.budget_seconds / 60.0, 2), "step_seconds": plan.step_seconds,
+                              "max_train_steps": plan.max_train_steps}
+    return out
 
 
 def heldout_prompts(c: DemoConfig) -> List[str]:

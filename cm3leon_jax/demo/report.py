@@ -406,7 +406,10 @@ def _stage_summary(name: str, st: dict) -> str:
     if name == "task_data":
         return f"{st.get('documents'):,} documents prepared, embedded, indexed (ScaNN) with neighbour tables"
     if name == "train":
-        return f"{st.get('steps')} steps; final training loss {_fmt(st.get('final_loss'))}"
+        budget = st.get("time_budget")
+        planned = (f" (what a {budget['minutes']:g}-minute budget allowed at {budget['step_seconds']:.3f} s a step, "
+                   f"of at most {budget['max_train_steps']})") if budget else ""
+        return f"{st.get('steps')} steps{planned}; final training loss {_fmt(st.get('final_loss'))}"
     if name == "generate":
         return f"{len(st.get('settings', {}))} settings x {st.get('prompts')} held-out captions"
     return "checker accuracy, CLIP-FID, CLIP score per setting"

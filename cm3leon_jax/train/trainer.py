@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Any, Mapping, Optional
 
 import gin
@@ -32,6 +33,7 @@ from cm3leon_jax import checkpoints as ckpt_lib
 from cm3leon_jax.train import metrics as metrics_lib
 from cm3leon_jax.train import optimizer as opt_lib
 from cm3leon_jax.train import state as state_lib
+from cm3leon_jax.train import time_budget as budget_lib
 from cm3leon_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,9 @@ def train(*,
           peak_flops_per_device: Optional[float] = None,
           record_batch_hashes: bool = False,
           init_checkpoint: Optional[str] = None,
+          time_budget_minutes: Optional[float] = None,
+          budget_skip_steps: int = 10,
+          budget_calibration_steps: int = 100,
           quiet: bool = False) -> dict:
     """Trains the decoder; returns the last logged metrics.
 
@@ -164,7 +169,15 @@ def train(*,
       init_checkpoint: fine-tuning: a fresh run (no checkpoint in model_dir
         yet) starts from these params (a model dir or checkpoint dir; not
         its optimizer state or step); a resumed run ignores it.
+      time_budget_minutes: wall-clock budget of this command; `train_steps`
+        becomes the most steps it may take. After `budget_skip_steps` steps
+        it times `budget_calibration_steps` more, picks the step to stop at
+        so the run ends within the budget, writes the decision to
+        MODEL_DIR/time_budget.json and decays the LR to that step
+        (train/time_budget.py). A resumed run keeps the decision. None: train
+        `train_steps` steps.
     """
+    t_enter = time.perf_counter()
     # Multi-host: jax.distributed.initialize before anything touches devices
     # (a no-op for single-process runs and when `cm3leon train` already did it).
     distributed_lib.initialize_distributed()
@@ -182,6 +195,9 @@ def train(*,
     is_chief = jax.process_index() == 0
     paths_lib.makedirs(model_dir)  # local dir or gs:// (paths.py)
 
+    if time_budget_minutes is not None and not time_budget_minutes > 0:
+        raise ValueError(f"train.time_budget_minutes must be a positive number of minutes or None, got "
+                         f"{time_budget_minutes!r}")
     mesh = partitioning.create_mesh()
     rules = partitioning.logical_axis_rules()
     built = build_train_step(model_config, train_steps, seq_len, mesh, rules, num_microbatches, z_loss, seed)
@@ -205,6 +221,21 @@ def train(*,
                 f"checkpoint {start_step}: iterator state says {data_state.get('batches_consumed')} "
                 "batches were consumed; expected one per step")
         _say(quiet, f"resumed from step {start_step} ({ckpt.directory / str(start_step)})")
+
+    # A time budget's decision holds for the run that made it: a resumed run
+    # keeps it (and its LR schedule); a fresh one drops any left behind.
+    plan, stop_at = None, train_steps
+    if restored is None:
+        if is_chief:
+            budget_lib.remove_plan(model_dir)
+    else:
+        plan = budget_lib.read_plan(model_dir)
+    if plan is not None:
+        stop_at = min(plan.train_steps, train_steps)
+        _say(quiet, f"time budget: {budget_lib.plan_path(model_dir)} planned {plan.train_steps} steps "
+                    f"(of at most {plan.max_train_steps}); stopping at step {stop_at}")
+        if stop_at != train_steps:
+            built = build_train_step(model_config, stop_at, seq_len, mesh, rules, num_microbatches, z_loss, seed)
 
     check_vocabulary(mixture_or_task_name, model_config.vocab_size)
     data = TrainIterator(mixture_or_task_name, task_feature_lengths, batch_size,
@@ -230,7 +261,12 @@ def train(*,
     peak = peak_flops_per_device or metrics_lib.measure_peak_flops()
     throughput = metrics_lib.Throughput(batch_size * seq_len, model_config.train_flops_per_token(seq_len),
                                         peak, jax.device_count())
-    progress = metrics_lib.Progress(train_steps, start_step)
+    progress = metrics_lib.Progress(stop_at, start_step)
+    calibration = None
+    if (time_budget_minutes is not None and plan is None
+            and start_step + budget_skip_steps + budget_calibration_steps < train_steps):
+        calibration = budget_lib.Calibration(start_step, budget_skip_steps, budget_calibration_steps,
+                                             time.perf_counter())
     fault_step = int(os.environ.get(FAULT_SIGKILL_ENV, "0") or 0)
 
     hashes = paths_lib.open(batch_hashes_path(model_dir), "a") if record_batch_hashes else None
@@ -257,7 +293,7 @@ def train(*,
 
     with mesh, _Preemption() as preempt:
         try:
-            while step < train_steps:
+            while step < stop_at:
                 local = next(data)
                 if hashes is not None:
                     hashes.write(json.dumps({"step": step + 1, "sha256": batch_hash(local)}) + "\n")
@@ -265,14 +301,25 @@ def train(*,
                 batch = partitioning.global_batch_from_local(local, mesh, rules)
                 state, metrics = jit_step(state, batch)
                 step += 1
+                if calibration is not None and calibration.needs_sync(step):
+                    jax.block_until_ready(metrics)
+                    step_seconds = calibration.tick(step, time.perf_counter())
+                    if step_seconds is not None:
+                        stop_at = _plan_from_budget(model_dir, step, train_steps, time_budget_minutes,
+                                                    time.perf_counter() - t_enter, step_seconds,
+                                                    calibration.compile_seconds(step_seconds), is_chief, quiet)
+                        if stop_at != train_steps:
+                            jit_step = build_train_step(model_config, stop_at, seq_len, mesh, rules,
+                                                        num_microbatches, z_loss, seed).jit_step
+                        progress.total, calibration = stop_at, None
                 throughput.tick()
                 pending.append((step, metrics))
-                if step % log_every == 0 or step == train_steps or preempt.requested:
+                if step % log_every == 0 or step == stop_at or preempt.requested:
                     check_pending()
                     row = dict(last, **throughput.measure())
                     writer.write_scalars(step, row)
                     progress.report(step, row, is_chief and not quiet)
-                if step % checkpoint_every == 0 or step == train_steps or preempt.requested:
+                if step % checkpoint_every == 0 or step == stop_at or preempt.requested:
                     check_pending()  # never checkpoint a state that saw a NaN
                     ckpt.save(step, state, data.state(), force=True)
                     last_good = step
@@ -292,6 +339,26 @@ def train(*,
                 writer.flush()
                 writer.close()
     return dict(last, step=step, preempted=preempt.requested)
+
+
+def _plan_from_budget(model_dir: str, step: int, max_steps: int, budget_minutes: float, elapsed: float,
+                      step_seconds: float, overhead: float, is_chief: bool, quiet: bool) -> int:
+    """Decides (on process 0; every host gets its answer) and records the
+    step a budgeted run stops at."""
+    stop_at = budget_lib.plan_steps(step=step, max_steps=max_steps, budget_seconds=60.0 * budget_minutes,
+                                    elapsed_seconds=elapsed, step_seconds=step_seconds,
+                                    overhead_seconds=overhead)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        stop_at = int(multihost_utils.broadcast_one_to_all(np.int32(stop_at)))
+    if is_chief:
+        budget_lib.write_plan(model_dir, budget_lib.Plan(
+            train_steps=stop_at, max_train_steps=max_steps, budget_seconds=60.0 * budget_minutes,
+            step_seconds=round(step_seconds, 5), decided_at_step=step, elapsed_seconds=round(elapsed, 1)))
+    _say(quiet, f"time budget {budget_minutes:g} min: {step_seconds:.3f} s a step after {elapsed:.0f} s; "
+                f"training {stop_at} steps (at most {max_steps})")
+    return stop_at
 
 
 def _say(quiet: bool, msg: str):
