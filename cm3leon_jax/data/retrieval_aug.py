@@ -152,6 +152,10 @@ class RetrievalAugmenter:
       candidate_keys: optional `ids -> [n, D]` stored keys (`BankKeys`).
       query_dropout_rate: fraction of query tokens dropped (0.2).
       on_missing_neighbour: "skip" (count and re-run the strategy) or "raise".
+      no_retrieval_prob: probability that a training sequence drops its
+        retrieved documents (the query alone); one draw per set, after the
+        sets are chosen, and no draw at all when 0 (the default, the
+        paper's: every sequence is retrieval-augmented).
     """
 
     def __init__(self, store, candidates, num_retrieved: int = 2, num_sets: int = 3,
@@ -161,7 +165,8 @@ class RetrievalAugmenter:
                  query_embedder: Optional[Callable[[np.ndarray, dict], np.ndarray]] = None,
                  candidate_keys: Optional[Callable[[Sequence[int]], np.ndarray]] = None,
                  query_dropout_rate: float = strategy.QUERY_DROPOUT,
-                 on_missing_neighbour: str = "skip"):
+                 on_missing_neighbour: str = "skip",
+                 no_retrieval_prob: float = 0.0):
         if num_retrieved < 0:
             raise ValueError(f"num_retrieved must be >= 0, got {num_retrieved}")
         if num_sets < 1:
@@ -173,6 +178,8 @@ class RetrievalAugmenter:
         if (query_embedder is None) != (candidate_keys is None):
             raise ValueError("query dropout re-scoring needs both query_embedder and candidate_keys "
                              "(or neither)")
+        if not 0.0 <= no_retrieval_prob <= 1.0:
+            raise ValueError(f"no_retrieval_prob must lie in [0, 1], got {no_retrieval_prob}")
         if on_missing_neighbour not in ("skip", "raise"):
             raise ValueError(f"on_missing_neighbour must be 'skip' or 'raise', got {on_missing_neighbour!r}")
         self.store, self.provider = store, candidates
@@ -183,6 +190,7 @@ class RetrievalAugmenter:
         self.query_embedder, self.candidate_keys = query_embedder, candidate_keys
         self.query_dropout_rate = float(query_dropout_rate)
         self.on_missing_neighbour = on_missing_neighbour
+        self.no_retrieval_prob = float(no_retrieval_prob)
         self.missing_neighbours = 0
         self.missing_neighbour_ids: Dict[int, int] = {}
 
@@ -323,6 +331,8 @@ class RetrievalAugmenter:
                         break
                     missing |= before - {c.doc_id for c in cands}
                 sets.append((drawn, docs))
+        if self.no_retrieval_prob > 0:
+            sets = [([], []) if rng.random() < self.no_retrieval_prob else s for s in sets]
         return [self._example(doc_id, query, chosen, docs, rng, order) for chosen, docs in sets]
 
 

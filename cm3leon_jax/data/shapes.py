@@ -408,12 +408,39 @@ def generate(seed: int, num: int, resolution: int = 64, start: int = 0) -> Itera
         yield generate_example(seed, index, resolution)
 
 
+def _check_count_weights(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if w.size != MAX_SHAPES or not np.all(np.isfinite(w)) or (w < 0).any() or w.max() <= 0:
+        raise ValueError(f"shape_count_weights must be {MAX_SHAPES} non-negative weights (for 1..{MAX_SHAPES} "
+                         f"shapes), not all 0; got {list(weights)}")
+    return w / w.max()
+
+
+def kept_indices(seed: int, num: int, shape_count_weights: Sequence[float]) -> Iterator[int]:
+    """The indices of the first `num` examples of the stream `seed` that
+    thinning keeps: an example of n shapes is kept with probability
+    w[n-1] / max(w), by a draw of its own (generator [seed, index, 1]), so a
+    corpus can hold more of the scenes a model finds hard while each example
+    stays the stream's own (`generate_example(seed, index)`). Equal weights
+    keep every index."""
+    w = _check_count_weights(shape_count_weights)
+    kept, index = 0, 0
+    while kept < num:
+        n = len(_sample_scene(np.random.default_rng([int(seed), index]))[0])
+        if w[n - 1] >= 1.0 or np.random.default_rng([int(seed), index, 1]).random() < w[n - 1]:
+            yield index
+            kept += 1
+        index += 1
+
+
 def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progress: bool = False,
-                 desc: str = "corpus") -> str:
+                 desc: str = "corpus", shape_count_weights: Optional[Sequence[float]] = None) -> str:
     """Write `num` examples as `out_dir/00000.png`, ... plus `out_dir/captions.jsonl`
     (one `{"file": "00000.png", "caption": "..."}` per line): the image-folder
     layout the data pipeline reads. Returns the path of captions.jsonl, which
-    is written last (under a temporary name until complete)."""
+    is written last (under a temporary name until complete). With
+    `shape_count_weights`, the examples are the stream's thinned by their
+    number of shapes (`kept_indices`); without, the first `num`."""
     import sys
 
     from PIL import Image
@@ -423,7 +450,9 @@ def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progre
     width = max(5, len(str(num - 1)))
     path = os.path.join(out_dir, "captions.jsonl")
     with open(path + ".tmp", "w") as f:
-        for i, ex in enumerate(tqdm(generate(seed, num, resolution), total=num, desc=desc, unit="img",
+        examples = (generate(seed, num, resolution) if shape_count_weights is None else
+                    (generate_example(seed, k, resolution) for k in kept_indices(seed, num, shape_count_weights)))
+        for i, ex in enumerate(tqdm(examples, total=num, desc=desc, unit="img",
                                     file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=2)):
             name = f"{i:0{width}d}.png"
             Image.fromarray(ex.image).save(os.path.join(out_dir, name), compress_level=1)  # lossless; fast

@@ -98,6 +98,7 @@ class DemoConfig:
     out_dir: str = "demo_out"
     corpus_docs: int = 20000
     corpus_seed: int = 0
+    corpus_shape_weights: Optional[Sequence[float]] = None
     heldout_captions: int = 200
     heldout_seed: int = 777
     vqgan_gin: str = "gin/vqgan_shapes.gin"
@@ -138,14 +139,19 @@ class DemoConfig:
 def stage_corpus(c: DemoConfig) -> dict:
     """Writes the training corpus and the held-out set as image folders
     (00000.png ... + captions.jsonl). Held-out pairs come from another seed,
-    so none is in the training data or the memory bank."""
+    so none is in the training data or the memory bank. With
+    `demo.corpus_shape_weights` the training corpus is its stream thinned by
+    the number of shapes (`shapes.kept_indices`); the held-out set never is."""
     from cm3leon_jax.data import shapes
 
     out = {}
     for name, seed, num in (("corpus", c.corpus_seed, c.corpus_docs), ("heldout", c.heldout_seed,
                                                                          c.heldout_captions)):
-        shapes.write_corpus(c.path(name), seed, num, progress=c.progress, desc=name)
+        weights = c.corpus_shape_weights if name == "corpus" else None
+        shapes.write_corpus(c.path(name), seed, num, progress=c.progress, desc=name, shape_count_weights=weights)
         out[name] = {"dir": c.path(name), "seed": seed, "documents": num}
+        if weights is not None:
+            out[name]["shape_count_weights"] = [float(w) for w in weights]
     with open(os.path.join(c.path("corpus"), "captions.jsonl")) as f:
         seen = {json.loads(line)["caption"] for line in f}
     with open(os.path.join(c.path("heldout"), "captions.jsonl")) as f:

@@ -254,6 +254,33 @@ def test_training_sets(table):
     assert any(not np.array_equal(x["targets"], y["targets"]) for cc in c for x, y in zip(a, cc))
 
 
+def test_no_retrieval_prob_drops_whole_sets(table):
+    """A share of training sequences is the query alone; with 0 (the
+    default) the sequences are exactly the plain augmenter's."""
+    plain = ra.RetrievalAugmenter(Store(), table, num_sets=3, num_retrieved=2)
+    zero = ra.RetrievalAugmenter(Store(), table, num_sets=3, num_retrieved=2, no_retrieval_prob=0.0)
+    for seed in range(5):
+        a = plain.training_examples(100, np.random.default_rng(seed))
+        b = zero.training_examples(100, np.random.default_rng(seed))
+        assert all(np.array_equal(x["targets"], y["targets"]) for x, y in zip(a, b))
+    aug = ra.RetrievalAugmenter(Store(), table, num_sets=3, num_retrieved=2, no_retrieval_prob=0.25)
+    alone = 0
+    for seed in range(400):
+        for ex in aug.training_examples(100, np.random.default_rng(seed)):
+            if not ex["retrieved_ids"]:
+                alone += 1
+                assert ex["orders"] and len(ex["orders"]) == 1
+                np.testing.assert_array_equal(split_docs(ex["targets"])[0],
+                                              ra.document_tokens(Store().by_id(100), ex["orders"][0]))
+            else:
+                assert len(ex["retrieved_ids"]) == 2
+    assert 0.20 < alone / 1200 < 0.30  # 0.25 +- 4 standard errors
+    everything = ra.RetrievalAugmenter(Store(), table, num_sets=2, num_retrieved=2, no_retrieval_prob=1.0)
+    assert all(not ex["retrieved_ids"] for ex in everything.training_examples(100, np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="no_retrieval_prob"):
+        ra.RetrievalAugmenter(Store(), table, no_retrieval_prob=1.5)
+
+
 def test_training_with_few_eligible_candidates():
     rows = {100: [Candidate(100, 1.0), Candidate(101, 0.95), Candidate(105, 0.3)]}
     aug = ra.RetrievalAugmenter(Store(), _Provider(rows), num_sets=4)
