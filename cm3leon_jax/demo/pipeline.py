@@ -38,6 +38,7 @@ import gin
 from cm3leon_jax import gin_utils
 from cm3leon_jax.demo.child_process import Command, cli_command
 from cm3leon_jax.demo.stages import GROUPS, STAGE_DIR, STAGE_TITLES, STAGES
+from cm3leon_jax.demo.train_budget import minutes_before_train, train_budget_minutes  # noqa: F401
 
 
 # Decodings that take the argmax at every step: the same image for every seed.
@@ -195,34 +196,6 @@ def result_task_data(c: DemoConfig) -> dict:
     return {"documents": man["count"], "skipped": man.get("skipped", {}), "data_dir": c.path("data")}
 
 
-def minutes_before_train(c: DemoConfig) -> float:
-    """Wall minutes the finished stages before training took, from their
-    markers (a group's stages run at once: the longest counts)."""
-    total = 0.0
-    for group in GROUPS[:GROUPS.index(("train",))]:
-        seconds = [0.0]
-        for name in group:
-            marker = c.path(STAGE_DIR, f"{name}.json")
-            if os.path.isfile(marker):
-                with open(marker) as f:
-                    seconds.append(float(json.load(f).get("seconds", 0.0)))
-        total += max(seconds)
-    return total / 60.0
-
-
-def train_budget_minutes(c: DemoConfig) -> Optional[float]:
-    """The decoder's share of `demo.time_budget_minutes`: what the stages
-    before it left, less `demo.minutes_after_train` for generation,
-    evaluation and the report; at least one minute. None without a budget."""
-    if c.time_budget_minutes is None:
-        return None
-    left = c.time_budget_minutes - minutes_before_train(c) - c.minutes_after_train
-    if left < 1.0:
-        print(f"  demo.time_budget_minutes={c.time_budget_minutes:g}: only {left:.1f} min left for "
-              "training; training for 1 minute", flush=True)
-    return max(1.0, left)
-
-
 def command_train(c: DemoConfig) -> List[str]:
     """`cm3leon train` on the task data; the unified vocabulary's text block
     is sized to the BPE the data was prepared with (the CLIP's). With a demo
@@ -265,16 +238,16 @@ def result_train(c: DemoConfig) -> dict:
     model."""
     from cm3leon_jax.demo import report
 
+    from cm3leon_jax.train import time_budget
+
     curve = report.read_loss_curve(c.path("model"))
     steps = curve[-1][0] if curve else 0
-    planned = planned_train_steps(c.path("model"))
+    plan = time_budget.read_plan(c.path("model"))
+    planned = plan.train_steps if plan is not None else planned_train_steps(c.path("model"))
     if planned is not None and steps < planned:
         raise RuntimeError(f"stage train: `cm3leon train` stopped at step {steps} of {planned} (interrupted); "
                            "rerun the same `cm3leon demo` command to resume it from its last checkpoint")
     out = {"model_dir": c.path("model"), "steps": steps, "final_loss": curve[-1][1] if curve else None}
-    from cm3leon_jax.train import time_budget
-
-    plan = time_budget.read_plan(c.path("model"))
     if plan is not None:
         out["time_budget"] = {"minutes": round(plan.budget_seconds / 60.0, 2), "step_seconds": plan.step_seconds,
                               "max_train_steps": plan.max_train_steps}
