@@ -69,7 +69,7 @@ class ShapesSource:
 class ImageFolderSource:
     """A folder with `captions.jsonl`, one JSON object a line:
     `{"file": "00000.png", "caption": "..."}` (the layout
-    `data.shapes.write_corpus` writes). The document id is the record's
+    `data.shapes_corpus.write_corpus` writes). The document id is the record's
     0-based line number. A missing or empty "file" makes a text-only
     document, a missing or empty "caption" an image-only one.
 

@@ -142,14 +142,15 @@ def stage_corpus(c: DemoConfig) -> dict:
     (00000.png ... + captions.jsonl). Held-out pairs come from another seed,
     so none is in the training data or the memory bank. With
     `demo.corpus_shape_weights` the training corpus is its stream thinned by
-    the number of shapes (`shapes.kept_indices`); the held-out set never is."""
-    from cm3leon_jax.data import shapes
+    the number of shapes (`shapes_corpus.kept_indices`); the held-out set never is."""
+    from cm3leon_jax.data import shapes_corpus
 
     out = {}
     for name, seed, num in (("corpus", c.corpus_seed, c.corpus_docs), ("heldout", c.heldout_seed,
                                                                          c.heldout_captions)):
         weights = c.corpus_shape_weights if name == "corpus" else None
-        shapes.write_corpus(c.path(name), seed, num, progress=c.progress, desc=name, shape_count_weights=weights)
+        shapes_corpus.write_corpus(c.path(name), seed, num, progress=c.progress, desc=name,
+                                   shape_count_weights=weights)
         out[name] = {"dir": c.path(name), "seed": seed, "documents": num}
         if weights is not None:
             out[name]["shape_count_weights"] = [float(w) for w in weights]

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes_corpus
 from cm3leon_jax.data.shapes import CaptionFacts, Relation, ShapeFact, ShapeSpec
 
 
@@ -155,7 +156,7 @@ def test_render_hand_worked():
 
 
 def test_write_corpus(tmp_path):
-    path = shapes.write_corpus(str(tmp_path), seed=9, num=4, resolution=32)
+    path = shapes_corpus.write_corpus(str(tmp_path), seed=9, num=4, resolution=32)
     assert path == os.path.join(str(tmp_path), "captions.jsonl")
     with open(path) as f:
         lines = [json.loads(line) for line in f]
@@ -169,20 +170,20 @@ def test_write_corpus(tmp_path):
 def test_corpus_thinned_by_shape_count(tmp_path):
     counts = [len(shapes.generate_example(5, k).shapes) for k in range(60)]
     # weights (0, 1, 1): no single-shape scene; every other scene kept, in stream order
-    kept = list(shapes.kept_indices(5, 20, (0, 1, 1)))
+    kept = list(shapes_corpus.kept_indices(5, 20, (0, 1, 1)))
     assert kept == [k for k in range(60) if counts[k] > 1][:20]
-    assert list(shapes.kept_indices(5, 7, (2, 2, 2))) == list(range(7))  # equal weights keep all
+    assert list(shapes_corpus.kept_indices(5, 7, (2, 2, 2))) == list(range(7))  # equal weights keep all
     # (1, 2, 2): a single-shape scene is kept with probability 1/2, by its own draw
-    half = list(shapes.kept_indices(5, 30, (1, 2, 2)))
+    half = list(shapes_corpus.kept_indices(5, 30, (1, 2, 2)))
     singles = [k for k in range(max(half) + 1) if counts[k] == 1]
     assert 0 < sum(k in half for k in singles) < len(singles)
     assert all(k in half for k in range(max(half) + 1) if counts[k] > 1)
-    path = shapes.write_corpus(str(tmp_path), seed=5, num=3, resolution=32, shape_count_weights=(0, 0, 1))
+    path = shapes_corpus.write_corpus(str(tmp_path), seed=5, num=3, resolution=32, shape_count_weights=(0, 0, 1))
     with open(path) as f:
         captions = [json.loads(line)["caption"] for line in f]
     threes = [k for k in range(60) if counts[k] == 3][:3]
     assert captions == [shapes.generate_example(5, k, 32).caption for k in threes]
     with pytest.raises(ValueError, match="shape_count_weights"):
-        list(shapes.kept_indices(5, 1, (1, 1)))
+        list(shapes_corpus.kept_indices(5, 1, (1, 1)))
     with pytest.raises(ValueError, match="shape_count_weights"):
-        list(shapes.kept_indices(5, 1, (0, 0, 0)))
+        list(shapes_corpus.kept_indices(5, 1, (0, 0, 0)))

@@ -12,6 +12,7 @@ from PIL import Image
 from cm3leon_jax.data import sources
 from cm3leon_jax.data.sources import ImageFolderSource, ShapesSource, SkippedDocument, open_source
 from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes_corpus
 
 
 def test_shapes_source_is_the_shapes_stream():
@@ -54,7 +55,7 @@ def test_bad_specs_name_themselves(spec, match):
 
 def test_image_folder_records_and_skips(tmp_path):
     d = tmp_path / "folder"
-    shapes.write_corpus(str(d), seed=1, num=3, resolution=32)  # lines 0-2: good image + caption
+    shapes_corpus.write_corpus(str(d), seed=1, num=3, resolution=32)  # lines 0-2: good image + caption
     Image.new("RGBA", (40, 20), (255, 0, 0, 128)).save(d / "rgba.png")  # non-square, alpha
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     good = (d / "00000.png").read_bytes()

@@ -14,6 +14,7 @@ import pytest
 
 from cm3leon_jax.data.sources import ShapesSource, SkippedDocument, open_source
 from cm3leon_jax.data import shapes
+from cm3leon_jax.data import shapes_corpus
 from cm3leon_jax.data.clip_tokenizer import CLIPTextTokenizer
 from cm3leon_jax.models.clip import CLIP, preprocess_images
 from cm3leon_jax.models.clip_convert import load_clip
@@ -163,7 +164,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, clip_dir, encoder)
 
 def test_skipped_documents_are_counted(tmp_path, clip_dir, encoder):
     d = tmp_path / "folder"
-    shapes.write_corpus(str(d), seed=0, num=4, resolution=32)
+    shapes_corpus.write_corpus(str(d), seed=0, num=4, resolution=32)
     (d / "00002.png").write_bytes(b"garbage, not an image")
     with open(d / "captions.jsonl", "a") as f:
         f.write("not json\n")
