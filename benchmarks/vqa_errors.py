@@ -38,26 +38,21 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from cm3leon_jax.data import shapes
-    from cm3leon_jax.sampling import generate as gen_lib
-    from cm3leon_jax.sampling.sampler import SamplingSettings
-    from cm3leon_jax.sft import infer
     from cm3leon_jax.sft import records as rec_lib
-    from cm3leon_jax.sft.evaluate import normalize_answer
+    from cm3leon_jax.sft.evaluate import load_generator, normalize_answer, text_outputs
 
     types = [t for t in args.types.split(",") if t]
-    models = rec_lib.read_manifest(args.data_dir).get("models", {})
-    g = gen_lib.Generator(gen_lib.load_model(args.model_dir, models.get("vqgan_dir"), models.get("text_tokenizer")))
+    g = load_generator(args.model_dir, args.data_dir)
     exs = [e for e in rec_lib.read_examples(args.data_dir, "vqa", "validation", args.limit)
            if e["meta"]["type"] in types]
     if not exs:
         raise SystemExit(f"no held-out VQA records of types {types} in {args.data_dir}")
-    ids = infer.complete(g, [(e["instruction"], e["input"]) for e in exs], output="text",
-                         settings=SamplingSettings("greedy"), seed=0, batch_rows=64, max_text_tokens=8)
+    outputs = text_outputs(g, exs, "vqa")
     counts = collections.Counter()
     wrong = []
-    for e, answer_ids in zip(exs, ids):
+    for e, output in zip(exs, outputs):
         meta = e["meta"]
-        answer = normalize_answer(g.text.decode(answer_ids, skip_non_text=True))
+        answer = normalize_answer(output)
         scene = shapes.caption_facts(meta["caption"]).shapes
         if answer == normalize_answer(meta["answer"]):
             verdict = "right"

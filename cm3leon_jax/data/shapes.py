@@ -74,8 +74,11 @@ def sample_scene(rng: np.random.Generator):
 def generate_example(seed: int, index: int, resolution: int = 64) -> ShapesExample:
     """Example `index` (>= 0) of the stream `seed` (>= 0): a pure function of its
     arguments. The scene (shapes, caption) does not depend on `resolution`."""
-    rng = np.random.default_rng([int(seed), int(index)])
-    specs, relations = sample_scene(rng)
+    return example_of_scene(*sample_scene(np.random.default_rng([int(seed), int(index)])), resolution)
+
+
+def example_of_scene(specs, relations, resolution: int = 64) -> ShapesExample:
+    """The example of a scene drawn by `sample_scene`: its image and caption."""
     example = ShapesExample(render(specs, resolution), "", tuple(specs), relations)
     return dataclasses.replace(example, caption=make_caption(example.facts))
 

@@ -28,12 +28,19 @@ def kept_indices(seed: int, num: int, shape_count_weights: Sequence[float]) -> I
     corpus can hold more of the scenes a model finds hard while each example
     stays the stream's own (`shapes.generate_example(seed, index)`). Equal weights
     keep every index."""
+    return (index for index, _ in _kept_scenes(seed, num, shape_count_weights))
+
+
+def _kept_scenes(seed: int, num: int, shape_count_weights: Sequence[float]):
+    """(index, scene) of the examples `kept_indices` keeps, each scene
+    sampled once (`shapes.sample_scene`, as `generate_example` does)."""
     w = _check_count_weights(shape_count_weights)
     kept, index = 0, 0
     while kept < num:
-        n = len(shapes.sample_scene(np.random.default_rng([int(seed), index]))[0])
+        scene = shapes.sample_scene(np.random.default_rng([int(seed), index]))
+        n = len(scene[0])
         if w[n - 1] >= 1.0 or np.random.default_rng([int(seed), index, 1]).random() < w[n - 1]:
-            yield index
+            yield index, scene
             kept += 1
         index += 1
 
@@ -56,8 +63,8 @@ def write_corpus(out_dir: str, seed: int, num: int, resolution: int = 64, progre
         if shape_count_weights is None:
             examples = shapes.generate(seed, num, resolution)
         else:
-            examples = (shapes.generate_example(seed, k, resolution)
-                        for k in kept_indices(seed, num, shape_count_weights))
+            examples = (shapes.example_of_scene(*scene, resolution)
+                        for _, scene in _kept_scenes(seed, num, shape_count_weights))
         for i, ex in enumerate(tqdm(examples, total=num, desc=desc, unit="img",
                                     file=sys.stderr, disable=not progress, dynamic_ncols=True, mininterval=2)):
             name = f"{i:0{width}d}.png"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -142,6 +142,30 @@ def image_caption_scores(images: np.ndarray, metas: Sequence[dict]) -> dict:
             "facts": float(np.mean([r["fraction_correct"] for r in rs])) if rs else 0.0, "count": len(rs)}
 
 
+def load_generator(model_dir: str, data_dir: str, vqgan_dir: Optional[str] = None,
+                   text_tokenizer: Optional[str] = None):
+    """The sampler for a fine-tuned model dir, with the tokenizers the SFT
+    data dir was prepared with (its manifest) unless others are given."""
+    from cm3leon_jax.sampling import generate as gen_lib
+    from cm3leon_jax.sft import records as rec_lib
+
+    models = rec_lib.read_manifest(data_dir).get("models", {})
+    return gen_lib.Generator(gen_lib.load_model(model_dir, vqgan_dir or models.get("vqgan_dir"),
+                                                text_tokenizer or models.get("text_tokenizer")))
+
+
+def text_outputs(g, examples: Sequence[dict], family: str, *, seed: int = 0, batch_rows: int = 64) -> List[str]:
+    """The model's greedy text output for each record of a text family
+    (VQA, captioning, detection), decoded to a string."""
+    from cm3leon_jax.sampling.sampler import SamplingSettings
+    from cm3leon_jax.sft import infer
+
+    ids = infer.complete(g, [(e["instruction"], e["input"]) for e in examples], output="text",
+                         settings=SamplingSettings("greedy"), seed=seed, batch_rows=batch_rows,
+                         max_text_tokens=TEXT_TOKENS[family])
+    return [g.text.decode(i, skip_non_text=True) for i in ids]
+
+
 def evaluate(model_dir: str, data_dir: str, *, families: Sequence[str] = tuple(fmt.FAMILIES),
              limit: Optional[int] = None, settings=None, seed: int = 0, batch_rows: int = 64,
              vqgan_dir: Optional[str] = None, text_tokenizer: Optional[str] = None, progress: bool = True) -> dict:
@@ -150,19 +174,14 @@ def evaluate(model_dir: str, data_dir: str, *, families: Sequence[str] = tuple(f
     import sys
     import time
 
-    from cm3leon_jax.sampling import generate as gen_lib
     from cm3leon_jax.sampling.sampler import SamplingSettings
     from cm3leon_jax.sft import infer
     from cm3leon_jax.sft import records as rec_lib
 
-    man = rec_lib.read_manifest(data_dir)
-    models = man.get("models", {})
-    bundle = gen_lib.load_model(model_dir, vqgan_dir or models.get("vqgan_dir"),
-                                text_tokenizer or models.get("text_tokenizer"))
-    g = gen_lib.Generator(bundle)
+    g = load_generator(model_dir, data_dir, vqgan_dir, text_tokenizer)
+    bundle = g.b
     res = g.vq.resolution
     image_settings = settings or SamplingSettings("top_p", top_p=0.9, cfg_scale=3.0, image_cfg_scale=1.5)
-    text_settings = SamplingSettings("greedy")
     report = {"model_dir": bundle.model_dir, "step": bundle.step, "data_dir": data_dir,
               "image_settings": {k: getattr(image_settings, k) for k in ("decoding", "top_p", "temperature",
                                                                           "cfg_scale", "image_cfg_scale")}}
@@ -173,11 +192,8 @@ def evaluate(model_dir: str, data_dir: str, *, families: Sequence[str] = tuple(f
             report[family] = {"count": 0, "note": "no validation records"}
             continue
         metas = [e["meta"] for e in exs]
-        prompts = [(e["instruction"], e["input"]) for e in exs]
         if fmt.FAMILIES[family][1] == "text":
-            ids = infer.complete(g, prompts, output="text", settings=text_settings, seed=seed,
-                                 batch_rows=batch_rows, max_text_tokens=TEXT_TOKENS[family])
-            texts = [g.text.decode(i, skip_non_text=True) for i in ids]
+            texts = text_outputs(g, exs, family, seed=seed, batch_rows=batch_rows)
             if family == fmt.VQA:
                 r = vqa_scores(texts, metas)
             elif family == fmt.CAPTIONING:
@@ -186,8 +202,8 @@ def evaluate(model_dir: str, data_dir: str, *, families: Sequence[str] = tuple(f
                 r = detection_scores(texts, metas)
             r["examples"] = [{"id": e["id"], "output": t} for e, t in zip(exs[:5], texts[:5])]
         else:
-            codes = infer.complete(g, prompts, output="image", settings=image_settings, seed=seed,
-                                   batch_rows=batch_rows)
+            codes = infer.complete(g, [(e["instruction"], e["input"]) for e in exs], output="image",
+                                   settings=image_settings, seed=seed, batch_rows=batch_rows)
             images = g.vq.decode(np.stack(codes))
             truth = g.vq.decode(np.stack([bundle.vocab.id_to_image_code(e["output"]) for e in exs]))
             if family == fmt.EDITING:

@@ -180,9 +180,11 @@ def test_corpus_thinned_by_shape_count(tmp_path):
     assert all(k in half for k in range(max(half) + 1) if counts[k] > 1)
     path = shapes_corpus.write_corpus(str(tmp_path), seed=5, num=3, resolution=32, shape_count_weights=(0, 0, 1))
     with open(path) as f:
-        captions = [json.loads(line)["caption"] for line in f]
-    threes = [k for k in range(60) if counts[k] == 3][:3]
-    assert captions == [shapes.generate_example(5, k, 32).caption for k in threes]
+        lines = [json.loads(line) for line in f]
+    threes = [shapes.generate_example(5, k, 32) for k in range(60) if counts[k] == 3][:3]
+    assert [line["caption"] for line in lines] == [ex.caption for ex in threes]
+    for line, ex in zip(lines, threes):  # each the stream's own example, image included
+        assert np.array_equal(np.asarray(Image.open(tmp_path / line["file"])), ex.image)
     with pytest.raises(ValueError, match="shape_count_weights"):
         list(shapes_corpus.kept_indices(5, 1, (1, 1)))
     with pytest.raises(ValueError, match="shape_count_weights"):
