@@ -43,6 +43,7 @@ from cm3leon_jax import vocab as vocab_lib
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.tasks import resolve_path
 from cm3leon_jax.data.seqio_vocabularies import UnifiedIdsVocabulary
+from cm3leon_jax.sft import example_weights
 from cm3leon_jax.sft import format as fmt
 from cm3leon_jax.sft import records as rec_lib
 
@@ -75,11 +76,17 @@ def corpus_sft_data_dir(path: Optional[str] = None) -> str:
 
 
 @gin.configurable
-def sft_feature_converter(pack: bool = True, loss_on_targets_only: bool = True) -> seqio.FeatureConverter:
+def sft_feature_converter(pack: bool = True, loss_on_targets_only: bool = True,
+                          length_power: float = 0.0) -> seqio.FeatureConverter:
     """The training feature converter of SFT tasks: SeqIO's prefix-LM
     converter (inputs + targets in one decoder sequence). With
     `loss_on_targets_only` (the default) instruction and input tokens carry
-    zero loss weight."""
+    zero loss weight. `length_power` > 0 scales each example's loss weights
+    by (its target tokens)^-length_power, so short answers are not drowned
+    by images (sft/example_weights.py; 0, the default, is SeqIO's)."""
+    if length_power:
+        return example_weights.LengthWeightedPrefixLMFeatureConverter(
+            length_power, pack=pack, loss_on_targets_only=loss_on_targets_only)
     return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=loss_on_targets_only)
 
 
