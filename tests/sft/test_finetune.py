@@ -57,6 +57,7 @@ def test_finetune_starts_from_the_pretrained_params(tmp_path):
     with open(os.path.join(sft, "config.gin")) as f:
         written = f.read()
     assert "UnifiedVocabulary.text_vocab_size = 448" in written and "shapes_sft_rates.rates" in written
+    assert "sft_feature_converter.length_power = 1.0" in written  # float loss weights went through the step
     # the sampler loads the fine-tuned dir (its config.gin binds SFT configurables)
     from cm3leon_jax.sampling import generate
 
