@@ -13,6 +13,10 @@ by n^-p, n its number of target tokens (after packing, per segment):
     0 < p < 1   in between
 
 The weights become float32; the trainer's loss already takes float weights.
+An example's weights sum to n^(1-p) >= 1, so the trainer's guard on the
+batch's total weight (max(total, 1), train/step.py) never changes the loss,
+and its `num_loss_tokens` metric (that total) then counts weighted
+examples, not tokens.
 """
 from __future__ import annotations
 
