@@ -38,8 +38,9 @@ def add_sampling_args(p) -> None:
     turns them into a SamplingSettings."""
     p.add_argument("--decoding", choices=("top_p", "cd_k", "mixed", "greedy"), default="mixed",
                    help="token choice: top_p (temperature + nucleus), cd_k (contrastive, expert = "
-                        "conditional, amateur = unconditional stream), mixed (half the samples each; "
-                        "default), greedy")
+                        "conditional, amateur = unconditional stream), mixed (default: sample 1 of each "
+                        "prompt CD-K, the others top-p; CD-K is deterministic, so one CD-K sample "
+                        "is all it adds), greedy")
     p.add_argument("--cfg_scale", type=float, default=3.0,
                    help="classifier-free guidance scale alpha_c (default 3; 1 turns guidance off)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")

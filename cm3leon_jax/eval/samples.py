@@ -5,7 +5,7 @@
   fact holds ("accuracy"), the mean share of facts that hold, the same for
   the top-ranked sample of each prompt (CLIP rerank: best of N), the same
   for sample 0 alone (what one sample per prompt gives), a breakdown by
-  decoding (`mixed` writes half top-p, half CD-K), and per kind of fact
+  decoding (`mixed` writes one CD-K sample per prompt, the rest top-p), and per kind of fact
   and per number of shapes (eval/shapes_breakdown.py) over all samples,
   the top-ranked ones and sample 0.
 - `clip_score`: the mean cosine similarity between the CLIP embeddings of

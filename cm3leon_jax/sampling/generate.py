@@ -306,7 +306,7 @@ class Generator:
             chunk = chunk + [chunk[-1]] * (width - len(chunk))  # pad to the compiled batch; dropped below
             ct, cs = sampler.left_pad([prepared[i][0] for i, _ in chunk], length=length)
             keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(items[i][1]), j) for i, j in chunk])
-            kw = dict(cd_rows=np.array([j % 2 == 1 for _, j in chunk]))
+            kw = dict(cd_rows=np.array([sampler.mixed_sample_decoding(j) == "cd_k" for _, j in chunk]))
             if guided:
                 ut, us = sampler.left_pad([prepared[i][1] for i, _ in chunk], length=length)
                 kw.update(uncond_prompts=jnp.asarray(ut), uncond_starts=jnp.asarray(us))
@@ -385,7 +385,7 @@ def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, 
     `batch_rows` rows (prompt x sample) share a sampler call."""
     from PIL import Image
 
-    from cm3leon_jax.sampling import rerank
+    from cm3leon_jax.sampling import rerank, sampler
 
     os.makedirs(out_dir, exist_ok=True)
     report, grid_rows = [], []
@@ -402,7 +402,7 @@ def write_samples(g: Generator, prompts: Sequence[str], out_dir: str, settings, 
             Image.fromarray(imgs[j]).save(os.path.join(out_dir, name), optimize=False)
             samples.append({"file": name, "sample": int(j), "rank": rank,
                             "clip_score": None if np.isnan(scores[j]) else float(scores[j]),
-                            "decoding": ("cd_k" if j % 2 else "top_p") if settings.decoding == "mixed"
+                            "decoding": sampler.mixed_sample_decoding(j) if settings.decoding == "mixed"
                             else settings.decoding})
         grid_rows.append(imgs[order])
         report.append({"prompt": prompt, "seed": seed + i, "settings": dataclasses.asdict(settings),

@@ -15,7 +15,9 @@ Token choice per row (`SamplingSettings.decoding`):
   "top_p"   temperature, then top-k (if > 0) and top-p, then a draw;
   "cd_k"    argmax of the CD-K scores (expert = conditional, amateur =
             unconditional stream), needs the unconditional prompt;
-  "mixed"   even rows top_p, odd rows cd_k (the paper's best mix).
+  "mixed"   the rows in `cd_rows` cd_k, the others top_p (the paper's best
+            mix); `cm3leon generate` and the server give CD-K to one sample
+            of each prompt (`mixed_sample_decoding`).
 
 The modality constraint (`Constraint`) restricts the ids allowed at each step:
 generating an image allows only image codes for exactly `image_tokens` steps
@@ -68,6 +70,26 @@ class SamplingSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+# Assumption (the paper mixes top-p and CD-K samples without a ratio): in
+# decoding="mixed", sample 1 of each prompt is CD-K's, every other sample a
+# top-p draw. CD-K is an argmax, so each further CD-K sample of a prompt would
+# be a copy of the same image: the even/odd split this replaced gave 8
+# samples only 5 distinct candidates (4 top-p + 4 copies of one CD-K image).
+# On the 2026-12-07 EPYC fresh clone's `make demo` model (200 held-out
+# captions, CFG 1.5, best of 8 by CLIP): 4 top-p + 4 copies 0.270, this mix
+# 0.275 as drawn (0.275-0.310, mean 0.301, whichever top-p draw the CD-K
+# sample replaces), 8 top-p 0.295, 7 top-p 0.285 (benchmarks/RESULTS.md,
+# "Mixed decoding with one CD-K sample"). Sample 0 stays top-p: what
+# `--num_samples=1` draws.
+MIXED_CD_K_SAMPLE = 1
+
+
+def mixed_sample_decoding(sample: int) -> str:
+    """The decoding sample `sample` (0-based, per prompt) gets under
+    decoding="mixed": "cd_k" for sample MIXED_CD_K_SAMPLE, else "top_p"."""
+    return "cd_k" if sample == MIXED_CD_K_SAMPLE else "top_p"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -127,7 +127,7 @@ class ModelServer:
         """Samples ordered by CLIP score (as `cm3leon generate` names its
         files), base64 PNGs saved as it saves them, the retrieved documents
         with their reconstructions, the settings and the command."""
-        from cm3leon_jax.sampling import rerank
+        from cm3leon_jax.sampling import rerank, sampler
 
         if self.has_clip:
             order, scores = rerank.rerank(self.g.clip, r.prompt, imgs)
@@ -136,7 +136,7 @@ class ModelServer:
         mixed = r.decoding.decoding == "mixed"
         samples = [{"rank": rank, "sample": int(j), "png": req_lib.png_base64(imgs[j]),
                     "clip_score": None if np.isnan(scores[j]) else float(scores[j]),
-                    "decoding": ("cd_k" if j % 2 else "top_p") if mixed else r.decoding.decoding}
+                    "decoding": sampler.mixed_sample_decoding(j) if mixed else r.decoding.decoding}
                    for rank, j in enumerate(order)]
         docs = []
         for d in retrieved:

@@ -140,6 +140,37 @@ def test_batched_prompts_give_the_samples_of_one_prompt_at_a_time(trained, monke
     assert not np.array_equal(batched[0][1][0], batched[0][1][1])
 
 
+@pytest.mark.slow
+def test_mixed_decoding_draws_one_cd_k_sample_per_prompt(trained, monkeypatch):
+    """CD-K is an argmax, so two CD-K samples of a prompt are one image
+    twice. Mixed decoding gives CD-K to sample 1 only: that sample is the
+    one `cd_k` decoding draws (at any seed), and every other sample is the
+    top-p draw of the same seed and index."""
+    import gin
+    import numpy as np
+
+    from cm3leon_jax.sampling.generate import Generator, load_model
+    from cm3leon_jax.sampling.sampler import SamplingSettings, mixed_sample_decoding
+
+    d, env = trained
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        g = Generator(load_model(d))
+    finally:
+        gin.clear_config()
+    assert [mixed_sample_decoding(j) for j in range(4)] == ["top_p", "cd_k", "top_p", "top_p"]
+    kw = dict(temperature=1.5, top_p=0.9, cfg_scale=3.0)
+    _, mixed, _ = g.images(PROMPT, 4, SamplingSettings("mixed", **kw), seed=5, num_retrieved=1)
+    _, top_p, _ = g.images(PROMPT, 4, SamplingSettings("top_p", **kw), seed=5, num_retrieved=1)
+    _, cd_k, _ = g.images(PROMPT, 2, SamplingSettings("cd_k", **kw), seed=9, num_retrieved=1)
+    np.testing.assert_array_equal(cd_k[0], cd_k[1])          # deterministic: copies
+    np.testing.assert_array_equal(mixed[1], cd_k[0])
+    for j in (0, 2, 3):
+        np.testing.assert_array_equal(mixed[j], top_p[j])
+    assert len({m.tobytes() for m in mixed}) == 4            # four distinct candidates
+
+
 def _coco_fixture(root, n=20):
     """A 20-image COCO 2014 layout (val2014/*.jpg + annotations/captions_val2014.json,
     several captions per image as COCO has) from the shapes corpus, plus one
