@@ -271,7 +271,7 @@ class Generator:
 
         Sample j of a request draws from its own key, fold_in(PRNGKey(seed),
         j), so the result does not depend on how rows are batched or on the
-        other requests; for `mixed` the odd samples use CD-K. `width` pads
+        other requests; for `mixed` sample 1 of each prompt uses CD-K. `width` pads
         every sampler call to that many rows and `length_bucket` rounds the
         prompt length up to a multiple of it (a server compiles the sampler
         once per shape, not once per request)."""

@@ -207,7 +207,8 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         the stream conditioned on the input image alone (same P): two-scale
         guidance with `settings.image_cfg_scale` and `settings.cfg_scale`.
       cd_rows: for decoding="mixed", bool [B]: the rows that use CD-K (the
-        rest top-p); default the odd rows.
+        rest top-p); default the odd rows of the batch (`cm3leon generate`
+        passes the rows of each prompt's sample MIXED_CD_K_SAMPLE).
       cache_sharding: the KV cache's NamedSharding (`decoding_shardings`);
         with params placed by the same function, decoding runs sharded over
         the training mesh.
