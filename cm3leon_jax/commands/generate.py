@@ -16,8 +16,9 @@ def add_generate(sub):
         description="Text -> image: for each prompt, --num_samples samples (one batch, a jitted KV-cache "
                     "decoder), with classifier-free guidance (--cfg_scale; the unconditional stream is the "
                     "prompt with its text replaced by <mask>), top-p or contrastive decoding (CD-K) or "
-                    "both (mixed: sample 1 of each prompt CD-K, the others top-p), optional retrieval (--num_retrieved) from the training "
-                    "task's memory bank, reranked by CLIP; writes PNGs, grid.png and samples.json. "
+                    "both (mixed: sample 1 of each prompt CD-K, the others top-p), optional retrieval "
+                    "(--num_retrieved) from the training task's memory bank, reranked by CLIP; writes PNGs, "
+                    "grid.png and samples.json. "
                     "Image -> text: --image=PATH [--prompt='Question: ...'] prints the generated text "
                     "(captioning, VQA). The VQ-GAN, BPE and CLIP come from the training data's manifest "
                     "unless given.",

@@ -255,7 +255,8 @@ def write_report(c) -> dict:
             lines += ["Each decoding draws N samples per caption: the accuracy of a sample (mean over all N) "
                       "and of the best of the N by CLIP score. CD-K takes the token that maximises "
                       "log p_expert - log p_amateur among the allowed ones (no sampling, as the paper "
-                      "describes it), so it draws one image per caption (N = 1), and mixed's sample 1 is that image (the others top-p).",
+                      "describes it), so it draws one image per caption (N = 1), and mixed's sample 1 is that "
+                      "image (the others top-p).",
                       "",
                       "| setting | accuracy (mean of N) | facts (mean of N) | best of N by CLIP | CLIP-FID (all) | "
                       "CLIP score (all) |", "|---|---:|---:|---:|---:|---:|"]
