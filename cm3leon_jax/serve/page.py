@@ -97,7 +97,7 @@ def build(server):
                                             elem_id="num_samples")
                     decoding = gr.Radio(list(req_lib.DECODINGS), value=defaults.decoding, label="Decoding",
                                         elem_id="decoding",
-                                        info="mixed: sample 2 by contrastive decoding (CD-K), the others top-p")
+                                        info="mixed: one sample by contrastive decoding (CD-K), the others top-p")
                     cfg_scale = gr.Slider(1.0, 10.0, value=defaults.cfg_scale, step=0.5,
                                           label="Guidance scale (CFG)", elem_id="cfg_scale")
                     top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top-p", elem_id="top_p")
