@@ -229,9 +229,9 @@ def extract_facts(image: np.ndarray, min_area: float = 0.003) -> list:
             direction = inside[strength >= np.median(strength)].mean(0)
         rows, cols = np.nonzero(nearest == k)
         alpha = d[rows, cols] @ direction / float(direction @ direction)
+        if not float(alpha.sum()) > 0:  # no soft mass to normalise by: the binary mask's moments
+            alpha, (rows, cols) = np.ones(int(mask.sum())), np.nonzero(mask)
         m, moments = _soft_moments(alpha, rows, cols)
-        if m <= 0:
-            m, moments = _soft_moments(np.ones(int(mask.sum())), *np.nonzero(mask))
         kind = _kind(moments)
         extent = np.sqrt(m / _calibration()[kind][1]) / resolution
         mr, mc = np.nonzero(mask)

@@ -206,9 +206,10 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
       image_only_prompts, image_only_starts: with the unconditional stream,
         the stream conditioned on the input image alone (same P): two-scale
         guidance with `settings.image_cfg_scale` and `settings.cfg_scale`.
-      cd_rows: for decoding="mixed", bool [B]: the rows that use CD-K (the
-        rest top-p); default the odd rows of the batch (`cm3leon generate`
-        passes the rows of each prompt's sample MIXED_CD_K_SAMPLE).
+      cd_rows: for decoding="mixed" (required there), bool [B]: the rows that
+        use CD-K, the rest top-p. Only the caller knows which row is which
+        prompt's sample: `cm3leon generate` and the server pass the rows of
+        each prompt's sample MIXED_CD_K_SAMPLE (`mixed_sample_decoding`).
       cache_sharding: the KV cache's NamedSharding (`decoding_shardings`);
         with params placed by the same function, decoding runs sharded over
         the training mesh.
@@ -222,6 +223,9 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
         raise ValueError(f"per-row PRNG keys: got {rng.shape[0]} keys for {b} prompts")
     if settings.decoding in ("cd_k", "mixed") and not guided:
         raise ValueError(f"decoding={settings.decoding!r} needs the unconditional prompt (the amateur)")
+    if settings.decoding == "mixed" and cd_rows is None:
+        raise ValueError("decoding='mixed' needs cd_rows, bool [B]: the rows that use CD-K (e.g. "
+                         "mixed_sample_decoding(sample) == 'cd_k' for each row's sample index)")
     if p + max_new_tokens > cfg.max_length:
         raise ValueError(f"prompt ({p}) + new tokens ({max_new_tokens}) exceed DecoderConfig.max_length="
                          f"{cfg.max_length}")
@@ -257,7 +261,7 @@ def generate(params, prompts, starts, rng, *, cfg: DecoderConfig, max_new_tokens
     else:
         run = jnp.zeros((rows,), jnp.int32)
     gen_mask, end_mask = constraint.masks(vocab, cfg.vocab_size)
-    cd_rows = (jnp.arange(b) % 2) == 1 if cd_rows is None else jnp.asarray(cd_rows, bool)
+    cd_rows = jnp.zeros((b,), bool) if cd_rows is None else jnp.asarray(cd_rows, bool)
     image_steps = constraint.image_tokens if constraint.mode == "image" else max_new_tokens + 1
 
     def guided_logits(last):

@@ -56,7 +56,8 @@ def complete(g, prompts: Sequence[Prompt], *, output: str, settings, seed: int =
         idx = idx + [idx[-1]] * (width - len(idx))
         keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(seed + i), 0) for i in idx])
         ct, cs = sampler.left_pad([streams[i][0] for i in idx], length=length)
-        kw = {}
+        # one sample per record: "mixed" gives CD-K to every other record
+        kw = {"cd_rows": np.array([i % 2 == 1 for i in idx])} if settings.decoding == "mixed" else {}
         if guided:
             # stream 2 = neither condition (the unconditional), stream 1 = input only
             ut, us = sampler.left_pad([streams[i][2] for i in idx], length=length)

@@ -147,10 +147,11 @@ def test_images_have_exactly_the_code_count_and_text_has_no_codes(decoding):
     image = sampler.Constraint("image", image_tokens=9)
     for seed in range(4):
         settings = sampler.SamplingSettings(decoding, cfg_scale=3.0, temperature=1.5)
+        rows = {"cd_rows": np.array([False, True])} if decoding == "mixed" else {}
         out, lengths = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(seed),
                                         cfg=cfg, max_new_tokens=12, settings=settings, constraint=image,
                                         vocab=VOCAB, uncond_prompts=jnp.asarray(unc),
-                                        uncond_starts=jnp.asarray(us))
+                                        uncond_starts=jnp.asarray(us), **rows)
         out = np.asarray(out)
         assert np.asarray(lengths).tolist() == [10, 10]
         assert VOCAB.is_image(out[:, :9]).all() and (out[:, 9] == VOCAB.eos_id).all()
@@ -158,8 +159,20 @@ def test_images_have_exactly_the_code_count_and_text_has_no_codes(decoding):
         text, _ = sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(seed),
                                    cfg=cfg, max_new_tokens=12, settings=settings,
                                    constraint=sampler.Constraint("text"), vocab=VOCAB,
-                                   uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us))
+                                   uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us), **rows)
         assert not VOCAB.is_image(np.asarray(text)).any()
+
+
+def test_mixed_decoding_needs_the_cd_k_rows():
+    """Which row is which prompt's sample only the caller knows: "mixed"
+    without cd_rows is an error naming it, not a silent even/odd split."""
+    cfg, params = _model()
+    cond, cs = sampler.left_pad([[100, 101, 102, 2], [110, 2]])
+    unc, us = sampler.left_pad([[4, 2], [4, 2]], length=4)
+    with pytest.raises(ValueError, match="cd_rows"):
+        sampler.generate(params, jnp.asarray(cond), jnp.asarray(cs), jax.random.PRNGKey(0), cfg=cfg,
+                         max_new_tokens=4, settings=sampler.SamplingSettings("mixed", cfg_scale=3.0),
+                         vocab=VOCAB, uncond_prompts=jnp.asarray(unc), uncond_starts=jnp.asarray(us))
 
 
 def test_same_seed_same_tokens():
