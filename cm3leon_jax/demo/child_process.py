@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List
+from typing import List, Mapping, Optional
 
 
 def cli_command(*args: str) -> List[str]:
@@ -28,27 +28,31 @@ def _die_with_parent():
         pass
 
 
-def shown(cmd: List[str]) -> str:
+def shown(cmd: List[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """The command as a user would type it: `[VAR=value ...] cm3leon ...`."""
     if cmd[1:3] == ["-m", "cm3leon_jax.cli"]:
         cmd = ["cm3leon"] + cmd[3:]
-    return " ".join(shlex.quote(c) for c in cmd)
+    prefix = [f"{k}={shlex.quote(str(v))}" for k, v in sorted((env or {}).items())]
+    return " ".join(prefix + [shlex.quote(c) for c in cmd])
 
 
 class Command:
     """A stage's command as a child process. Its output lines go to the
     terminal prefixed with the stage name (two stages may run at once) and
-    to demo_out/logs/STAGE.log."""
+    to demo_out/logs/STAGE.log. `env`: variables set for this child only
+    (shown before the command)."""
 
-    def __init__(self, stage: str, cmd: List[str], log_dir: str, prefix: bool):
+    def __init__(self, stage: str, cmd: List[str], log_dir: str, prefix: bool,
+                 env: Optional[Mapping[str, str]] = None):
         import threading
 
         os.makedirs(log_dir, exist_ok=True)
-        self.stage, self.shown = stage, shown(cmd)
+        self.stage, self.shown = stage, shown(cmd, env)
         print(f"  [{stage}] $ {self.shown}", flush=True)
         self.log = open(os.path.join(log_dir, f"{stage}.log"), "a", encoding="utf-8")
         self.log.write(f"$ {self.shown}\n")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in (env or {}).items()})
+        self.proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", bufsize=1,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self.prefix = f"  [{stage}] " if prefix else "  "

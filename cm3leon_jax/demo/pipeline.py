@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import gin
 
@@ -109,6 +109,9 @@ class DemoConfig:
     task_data_flags: Sequence[str] = ()
     train_gin: str = "gin/cm3leon_tiny.gin"
     train_bindings: Sequence[str] = ()
+    # Environment variables for the `cm3leon train` child only (e.g. glibc
+    # malloc settings, which must be set at process start); see gin/demo.gin.
+    train_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     time_budget_minutes: Optional[float] = None
     minutes_after_train: float = 5.0
     retrieved: Sequence[int] = (0, 1, 2)
@@ -210,6 +213,19 @@ def command_train(c: DemoConfig) -> List[str]:
                 f"--gin.UnifiedVocabulary.text_vocab_size={int(text_vocab)}",
                 *[f"--gin.{b}" for b in c.train_bindings],
                 *([f"--gin.train.time_budget_minutes={budget:.2f}"] if budget is not None else []))
+
+
+def stage_env(c: DemoConfig, name: str) -> Dict[str, str]:
+    """The environment variables a command stage's child gets beyond the
+    demo's own: `demo.train_env` for the decoder's training, none for the
+    others."""
+    if name != "train":
+        return {}
+    env = dict(c.train_env or {})
+    for k, v in env.items():
+        if not (isinstance(k, str) and k.isidentifier() and isinstance(v, (str, int))):
+            raise ValueError(f"demo.train_env must map variable names to strings, got {k!r}: {v!r}")
+    return {k: str(v) for k, v in env.items()}
 
 
 def planned_train_steps(model_dir: str) -> Optional[int]:
@@ -409,7 +425,8 @@ def run(c: DemoConfig, only: Sequence[str] = (), redo: Sequence[str] = ()) -> di
                 if name in COMMAND_STAGES:
                     print(f"{_head(name)} ...", flush=True)
                     running.append((name, time.time(), Command(name, COMMAND_STAGES[name][0](c),
-                                                               c.path("logs"), prefix=len(pending) > 1)))
+                                                               c.path("logs"), prefix=len(pending) > 1,
+                                                               env=stage_env(c, name))))
             for name in pending:
                 if name in PROCESS_STAGES:
                     print(f"{_head(name)} ...", flush=True)

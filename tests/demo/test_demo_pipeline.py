@@ -59,6 +59,25 @@ def test_an_interrupted_training_is_not_a_finished_stage(tmp_path):
     assert pipeline.result_train(c) == {"model_dir": str(model), "steps": 100, "final_loss": 1.0}
 
 
+def test_the_training_stage_gets_its_environment_and_shows_it(tmp_path):
+    """`demo.train_env` reaches the `cm3leon train` child only, and its log
+    shows the command as a user would retype it."""
+    from cm3leon_jax.demo.child_process import Command
+
+    c = pipeline.DemoConfig(out_dir=str(tmp_path), train_env={"MALLOC_ARENA_MAX": "1"})
+    assert pipeline.stage_env(c, "train") == {"MALLOC_ARENA_MAX": "1"}
+    assert pipeline.stage_env(c, "vqgan") == {} and pipeline.stage_env(c, "clip") == {}
+    probe = [sys.executable, "-c", "import os; print('arena', os.environ.get('MALLOC_ARENA_MAX'))"]
+    for stage in ("train", "clip"):
+        Command(stage, probe, str(tmp_path / "logs"), prefix=False, env=pipeline.stage_env(c, stage)).wait()
+    train_log = (tmp_path / "logs" / "train.log").read_text().splitlines()
+    assert train_log[0].startswith("$ MALLOC_ARENA_MAX=1 ") and train_log[1] == "arena 1"
+    clip_log = (tmp_path / "logs" / "clip.log").read_text().splitlines()
+    assert clip_log[0].startswith(f"$ {sys.executable}") and clip_log[1] == f"arena {os.environ.get('MALLOC_ARENA_MAX')}"
+    with pytest.raises(ValueError, match="demo.train_env must map variable names"):
+        pipeline.stage_env(pipeline.DemoConfig(train_env={"NOT A NAME": "1"}), "train")
+
+
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown demo stage 'trian'"):
         pipeline.run(pipeline.DemoConfig(out_dir=str(tmp_path)), only=["trian"])
@@ -134,6 +153,10 @@ def test_mini_demo_killed_in_training_resumes_and_writes_the_report(tmp_path):
         assert f"{stage}: finished earlier" in second, second[:3000]
     assert os.path.getmtime(out / "corpus" / "captions.jsonl") == corpus_mtime  # not rewritten
     assert "resumed from step" in second
+    # gin/demo.gin's allocator settings reach the trainer, shown in its log
+    train_cmd = (out / "logs" / "train.log").read_text().splitlines()[0]
+    assert train_cmd.startswith("$ MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 "
+                                "cm3leon train "), train_cmd
     resumed = int(second.split("resumed from step")[1].split()[0])
     assert 5 <= resumed <= killed_at
     assert _checkpoint_steps(str(model_dir))[-1] == 25
